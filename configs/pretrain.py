@@ -1,0 +1,104 @@
+"""Stage `pretrain`: MAGE (and MAGE-C) pretraining, the main job.
+
+Arguments (comma separated):
+  vit_b        ViT-B encoder (768/12/12), decoder 768/8/16, ImageNet 256 px (the default)
+  vit_l        ViT-L encoder (1024/24/16), decoder 1024/8/16
+  contrastive  MAGE-C: two views, projection MLP and InfoNCE on the pooled encoder output
+  demo         Fashion-MNIST at CPU size; trains the demo tokenizer first if needed
+
+    python -m mage_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/mage
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+from mage_jax import config_defaults
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+FASHION_MNIST_TRAIN_EXAMPLES = 60_000
+
+
+def _tokenizer_stage_config(arg: str) -> ml_collections.ConfigDict:
+    """configs/tokenizer.py's config: the tokenizer this MAGE reads (and may train first)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.py")
+    spec = importlib.util.spec_from_file_location("mage_jax_tokenizer_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    presets = config_defaults.parse_args(arg, known=("vit_b", "vit_l", "contrastive", "demo"))
+    demo = "demo" in presets
+    config = config_defaults.base_config("pretrain")
+
+    # The frozen tokenizer. `tokenizer_workdir` is a tokenizer run of this project or the
+    # output of `python -m mage_jax.convert tokenizer` (official weights). Empty means
+    # <workdir>/tokenizer; with `train_tokenizer_if_missing` the stage trains it there first
+    # with `tokenizer_stage` (the demo's route to a one-command start).
+    tokenizer_stage = _tokenizer_stage_config("demo" if demo else "paper")
+    config.tokenizer_workdir = ""
+    config.train_tokenizer_if_missing = demo
+    config.tokenizer_stage = tokenizer_stage
+    config.tokenizer = tokenizer_stage.tokenizer
+
+    config.model = ml_collections.ConfigDict(dict(
+        embed_dim=768, depth=12, num_heads=12,
+        decoder_embed_dim=768, decoder_depth=8, decoder_num_heads=16,
+        mlp_ratio=4.0,
+        dropout_rate=0.1,       # the official code's dropout and attention dropout
+        dtype="float32",        # compute dtype; "bfloat16" keeps float32 params and optimizer
+        remat=False,            # rematerialise each block in the backward pass
+        scan_layers=False,      # nn.scan over blocks: one compiled block, faster compiles
+    ))
+    # One masking ratio per step from a truncated normal, as the official code.
+    config.masking = ml_collections.ConfigDict(dict(
+        min_ratio=0.5, max_ratio=1.0, mean=0.55, std=0.25,
+        drop_ratio=0.5,         # ceil(L * 0.5) positions never reach the encoder
+        per_example=False,      # one ratio per example instead of per step (not the paper)
+    ))
+    config.label_smoothing = 0.1
+    # MAGE-C. The paper's appendix values were not available: a 2-layer MLP projection,
+    # temperature 0.2 and loss weight 0.1 are our defaults (SimCLR/MoCo v3 practice).
+    config.contrastive = ml_collections.ConfigDict(dict(
+        enabled="contrastive" in presets,
+        weight=0.1,
+        temperature=0.2,
+        proj_layers=2,
+        proj_hidden_dim=2048,
+        proj_dim=256,
+    ))
+    # The paper's optimisation: AdamW (0.9, 0.95), wd 0.05, lr = blr * batch / 256,
+    # 40 warm-up epochs then cosine to 0 at 1600 epochs, clip 3.0, batch 4096.
+    config.optimizer = ml_collections.ConfigDict(dict(
+        blr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05,
+        warmup_epochs=40, epochs=1600, grad_clip_norm=3.0,
+    ))
+    config.num_train_examples = IMAGENET_TRAIN_EXAMPLES
+    config.batch_size = 4096
+    config.data = config_defaults.data_config("imagenet2012", image_size=256)
+    config.data.image_size = tokenizer_stage.data.get_ref("image_size")
+    config.log_every = 100
+    config.checkpoint_every = 2000
+
+    if "vit_l" in presets:
+        config.model.update(embed_dim=1024, depth=24, num_heads=16,
+                            decoder_embed_dim=1024, decoder_depth=8, decoder_num_heads=16)
+    if demo:
+        config.data = config_defaults.data_config("fashion_mnist", image_size=32)
+        config.data.image_size = tokenizer_stage.data.get_ref("image_size")
+        config.model.update(embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128,
+                            decoder_depth=2, decoder_num_heads=4, dropout_rate=0.0)
+        config.contrastive.update(proj_hidden_dim=256, proj_dim=64)
+        config.num_train_examples = FASHION_MNIST_TRAIN_EXAMPLES
+        config.batch_size = 64
+        config.optimizer.update(blr=1e-3, warmup_epochs=1, epochs=10)
+        config.total_steps = 400
+        config.log_every = 25
+        config.checkpoint_every = 200
+        config.image_summary_every = 200
+    else:
+        steps_per_epoch = config.num_train_examples // config.batch_size
+        config.total_steps = config.optimizer.epochs * steps_per_epoch
+    return config

@@ -1,0 +1,119 @@
+"""Orbax checkpoints of the train state and the data iterator's position.
+
+One `CheckpointManager` per run, asynchronous, keeping the newest N. The state is saved
+with its shardings and restored onto whatever mesh the new run has (8 devices -> 1 and
+back). The grain iterator state is saved beside it, so a resumed run reads exactly the
+batches the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint in the workdir does not fit the model the config builds."""
+
+
+class Checkpointer:
+
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def check_compatible(self, step: int, abstract_state: Any) -> None:
+        """Raises CheckpointMismatchError naming the first parameter whose shape differs."""
+        saved = self._manager.item_metadata(step)["state"]
+        saved_by_name = _by_name(saved)
+        want_by_name = _by_name(abstract_state)
+        for name, want in want_by_name.items():
+            got = saved_by_name.get(name)
+            if got is None:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory}/{step} has no entry {name}, which this config's "
+                    f"model needs. The checkpoint was written by another model or stage: point "
+                    f"--workdir at a fresh directory, or use the config the checkpoint came from.")
+            if tuple(got.shape) != tuple(want.shape):
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory}/{step} has {name} of shape {tuple(got.shape)} but "
+                    f"this config builds {tuple(want.shape)}. Use the config the checkpoint was "
+                    f"written with (its workdir has config.json), or a fresh --workdir.")
+        extra = set(saved_by_name) - set(want_by_name)
+        if extra:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} has entries this config's model lacks, e.g. "
+                f"{sorted(extra)[:3]}: point --workdir at a fresh directory or use the config the "
+                f"checkpoint was written with.")
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any | None = None) -> Any:
+        """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        self.check_compatible(step, abstract_state)
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _by_name(tree) -> dict[str, Any]:
+    """Leaves by a path name that reads the same for a live tree and orbax's metadata tree
+    (which stores tuples and named tuples as lists/dicts)."""
+    def part(key):
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(part(k) for k in path): leaf for path, leaf in flat}
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+    """The params of a finished run's checkpoint (e.g. the tokenizer for pretraining), on host.
+
+    Returns (params, step). Reads only the ``state`` item, replicated onto the default device.
+    """
+    checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(
+            f"no checkpoint under {checkpointer.directory}: train that stage first (its "
+            f"--workdir), or give converted official weights.")
+    metadata = checkpointer._manager.item_metadata(step)["state"]
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), metadata,
+        is_leaf=lambda x: hasattr(x, "shape"))
+    state = checkpointer._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    checkpointer.close()
+    params = state["params"] if isinstance(state, dict) else state.params
+    return jax.tree.map(np.asarray, params), step

@@ -1,0 +1,66 @@
+"""The one entry point: ``python -m mage_jax.main --config=configs/<stage>.py[:args] --workdir=DIR``.
+
+The config names its stage (``config.stage``); overrides go through ``--config.key=value``
+and the config is locked, so an unknown key stops the run before anything happens.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Stage config file, e.g. configs/pretrain.py:demo.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, config.json.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize(): 'auto' when launched on several hosts (TPU pod, SLURM with "
+    "several tasks, or JAX_COORDINATOR_ADDRESS set), 'on' always, 'off' never.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (only where not auto-detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (manual).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (manual).")
+
+
+def _multi_host_environment() -> bool:
+    """True where jax.distributed can discover several processes by itself."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or _COORDINATOR.value:
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts
+
+
+def initialize_distributed() -> None:
+    if _DISTRIBUTED.value == "off" or (
+            _DISTRIBUTED.value == "auto" and not _multi_host_environment()):
+        return
+    import jax
+    # CPU hosts talk through gloo; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def run(config, workdir: str):
+    """Runs the stage the config names; importable for tests and notebooks."""
+    from mage_jax.train import stages
+    return stages.run(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.key=value.")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/mage_demo.")
+    initialize_distributed()
+    run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,80 @@
+"""Metric writers: TensorBoard (clu) plus one JSON object per logged step in metrics.jsonl.
+
+Only process 0 writes files; other hosts log to stdout, so a pod run leaves one clean record.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from clu import metric_writers
+from clu.metric_writers import interface
+
+
+class JsonlWriter(interface.MetricWriter):
+    """Appends ``{"step": s, name: value, ...}`` lines for scalars; other kinds are skipped.
+
+    Lines are appended, so a resumed run continues the same file; a reader keeps the last
+    line of each step if a crash made a step appear twice.
+    """
+
+    def __init__(self, path: str):
+        self._path = path
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        record = {"step": int(step)}
+        for name, value in scalars.items():
+            value = float(np.asarray(value))
+            record[name] = value if math.isfinite(value) else str(value)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+    if jax.process_index() != 0:
+        return metric_writers.create_default_writer(None, just_logging=True)
+    tensorboard = metric_writers.create_default_writer(workdir, asynchronous=True)
+    return metric_writers.MultiWriter(
+        [tensorboard, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of metrics.jsonl, the last one of each step (see JsonlWriter)."""
+    by_step: dict[int, dict] = {}
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            by_step.setdefault(record["step"], {}).update(record)
+    return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,41 @@
+"""Optimisers from optax: schedules, clipping and the weight-decay mask, from the config."""
+from __future__ import annotations
+
+import jax
+import optax
+
+# Parameters whose last path component is one of these are not decayed: biases, norm
+# scales and offsets (MAE/MAGE's "no weight decay on bias and norm" rule). Embedding
+# tables and matrices are decayed.
+_NO_DECAY_NAMES = ("bias", "scale")
+
+
+def decay_mask(params):
+    """True for parameters that get weight decay (works on boxed and plain trees)."""
+    def wants_decay(path, _):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        names = [n for n in names if isinstance(n, str) and n != "value"]
+        return bool(names) and names[-1] not in _NO_DECAY_NAMES
+    return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def warmup_constant(lr: float, warmup_steps: int) -> optax.Schedule:
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
+        [max(warmup_steps, 1)])
+
+
+def warmup_cosine(lr: float, warmup_steps: int, decay_steps: int) -> optax.Schedule:
+    """Linear warm-up to lr, then cosine to 0 at ``decay_steps`` (counted from step 0)."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(warmup_steps, 1), max(decay_steps, warmup_steps + 1), end_value=0.0)
+
+
+def adamw(schedule: optax.Schedule, *, b1: float, b2: float, weight_decay: float,
+          grad_clip_norm: float) -> optax.GradientTransformation:
+    parts = []
+    if grad_clip_norm and grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(grad_clip_norm))
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts)

@@ -1,0 +1,177 @@
+"""The training loop every stage shares: one batch from disk to a parameter update.
+
+A stage (train/tokenizer.py, train/pretrain.py) supplies the model-specific pieces as a
+`Stage`; this file owns the order of events, which reads top to bottom:
+
+    validate -> mesh -> abstract state & shardings -> restore or init -> data iterator
+    -> jit(step) -> loop { step, log, images, checkpoint } -> final checkpoint
+
+Everything that can be wrong with the config is found before the first compile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import periodic_actions
+
+from mage_jax import checkpointing, metrics as metrics_lib, sharding, validation
+from mage_jax.data import pipeline
+
+State = dict  # {"step": int32 scalar, "params": ..., "opt_state": ..., stage extras}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss; the last good checkpoint is left untouched."""
+
+
+@dataclasses.dataclass
+class Stage:
+    """What a training stage contributes to the shared loop.
+
+    init_state(rng) -> State with *boxed* (logically partitioned) params and optimizer state.
+    train_step(state, batch, rng, frozen) -> (state, metrics); pure, jitted by the loop.
+    summarize(state, batch, rng, frozen) -> {name: images NHWC in [0, 1]}; jitted.
+    frozen: parameters the stage reads but never trains (tokenizer, perceptual net).
+    """
+    init_state: Callable[[jax.Array], State]
+    train_step: Callable[..., tuple[State, Mapping[str, jax.Array]]]
+    summarize: Callable[..., Mapping[str, jax.Array]] | None = None
+    frozen: Any = None
+    two_views: bool = False
+    check: Callable[[], None] | None = None  # stage-specific validation, before compiling
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _place_frozen(frozen, mesh):
+    """Frozen params are replicated: they are small beside the trained model."""
+    if frozen is None:
+        return None
+    return jax.device_put(frozen, sharding.replicated(mesh))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
+                       devices=None) -> State:
+    """Trains ``stage`` to ``config.total_steps`` on ``devices`` (default: all), resuming
+    from the newest checkpoint in ``workdir``; returns the final state."""
+    # ---------------------------------------------------------------- validate
+    validation.validate_training_config(config, workdir)
+    if stage.check is not None:
+        stage.check()
+    mesh = sharding.make_mesh(config.mesh, devices)
+    validation.validate_batch(config, mesh)
+    jax.set_mesh(mesh)
+    _write_config(config, workdir)
+
+    # ------------------------------------------------- abstract state, shardings
+    base_rng = jax.random.key(config.seed)
+    init_rng, train_rng = jax.random.split(base_rng)
+    boxed_abstract = jax.eval_shape(stage.init_state, init_rng)
+    state_shardings = sharding.logical_shardings(boxed_abstract, mesh)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(boxed_abstract), state_shardings)
+
+    # ------------------------------------------------------- restore or init
+    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+        checkpointer.check_compatible(start_step, abstract_state)
+    data_iter = pipeline.train_iterator(
+        config.data, seed=config.seed, global_batch_size=config.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        two_views=stage.two_views, start_step=start_step)
+    if start_step:
+        logging.info("Resuming from %s at step %d.", checkpointer.directory, start_step)
+        state = checkpointer.restore(start_step, abstract_state, data_iter)
+    else:
+        init = jax.jit(lambda r: nn.unbox(stage.init_state(r)), out_shardings=state_shardings)
+        state = init(init_rng)
+    frozen = _place_frozen(stage.frozen, mesh)
+
+    # ----------------------------------------------------------------- compile
+    def step_fn(state, batch, frozen):
+        rng = jax.random.fold_in(train_rng, state["step"])
+        return stage.train_step(state, batch, rng, frozen)
+
+    train_step = jax.jit(step_fn, donate_argnums=0,
+                         out_shardings=(state_shardings, sharding.replicated(mesh)))
+    summarize = None
+    if stage.summarize is not None and config.image_summary_every > 0:
+        summarize = jax.jit(
+            lambda s, b, f: stage.summarize(s, b, jax.random.fold_in(train_rng, -1), f),
+            out_shardings=sharding.replicated(mesh))
+
+    # -------------------------------------------------------------------- loop
+    writer = metrics_lib.create_writer(workdir)
+    # Logs steps/s and ETA; throughput also goes into metrics.jsonl through _log.
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=config.total_steps, every_steps=config.log_every, every_secs=None)
+    timer = _Throughput(start_step, config.batch_size)
+    last_metrics = None
+    for step in range(start_step + 1, config.total_steps + 1):
+        batch = sharding.host_batch_to_global(next(data_iter), mesh)
+        state, step_metrics = train_step(state, batch, frozen)
+        progress(step)
+        if step % config.log_every == 0 or step == config.total_steps:
+            last_metrics = _log(writer, step, step_metrics, timer)
+        if summarize is not None and step % config.image_summary_every == 0:
+            images = jax.device_get(summarize(state, batch, frozen))
+            if jax.process_index() == 0:
+                writer.write_images(step, {k: np.asarray(v) for k, v in images.items()})
+        if step % config.checkpoint_every == 0 or step == config.total_steps:
+            _check_finite(step, step_metrics)
+            checkpointer.save(step, state, data_iter)
+
+    writer.flush()
+    checkpointer.close()
+    if last_metrics is not None:
+        logging.info("Finished at step %d: %s", config.total_steps, last_metrics)
+    return state
+
+
+def _check_finite(step: int, step_metrics) -> float:
+    loss = float(jax.device_get(step_metrics["loss"]))
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {step}; the last finite checkpoint was kept and nothing was "
+            f"saved over it. Lower the learning rate (--config.optimizer.lr), enable gradient "
+            f"clipping, or try --config.tokenizer.dtype=float32 / --config.model.dtype=float32.")
+    return loss
+
+
+class _Throughput:
+    """Steps/s and images/s between two logged steps (the first window includes compiling)."""
+
+    def __init__(self, step: int, batch_size: int):
+        self._step, self._time, self._batch_size = step, time.perf_counter(), batch_size
+
+    def __call__(self, step: int) -> dict:
+        now = time.perf_counter()
+        steps_per_sec = (step - self._step) / max(now - self._time, 1e-9)
+        self._step, self._time = step, now
+        return {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self._batch_size}
+
+
+def _log(writer, step, step_metrics, timer: _Throughput) -> dict:
+    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    _check_finite(step, step_metrics)
+    values.update(timer(step))
+    writer.write_scalars(step, values)
+    logging.info("step %d: %s", step, json.dumps({k: round(v, 5) for k, v in values.items()}))
+    return values

@@ -1,0 +1,177 @@
+"""Stage `pretrain`: MAGE (and MAGE-C) on a frozen tokenizer.
+
+The tokenizer runs inside the jitted step on the augmented batch (online tokenization,
+as the official code does); its parameters are a frozen input of the step, never trained.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+
+from mage_jax import checkpointing, masking, optim, sharding, validation
+from mage_jax.models import contrastive, mage, vqgan
+from mage_jax.train import loop
+
+
+class TokenizerMismatchError(ValueError):
+    """The tokenizer checkpoint does not fit the tokenizer the config describes."""
+
+
+def tokenizer_workdir(config, workdir: str) -> str:
+    return config.tokenizer_workdir or os.path.join(workdir, "tokenizer")
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None):
+    """Restores the frozen tokenizer, first training it where the config says so."""
+    tok_dir = tokenizer_workdir(config, workdir)
+    finished = checkpointing.Checkpointer(tok_dir, keep=1, async_save=False)
+    step = finished.latest_step()
+    finished.close()
+    if config.train_tokenizer_if_missing and (step or 0) < config.tokenizer_stage.total_steps:
+        from mage_jax.train import stages
+        logging.info("Training the tokenizer first, in %s.", tok_dir)
+        stages.run(config.tokenizer_stage, tok_dir, devices)
+    elif step is None:
+        raise FileNotFoundError(
+            f"no tokenizer checkpoint in {tok_dir}/checkpoints. Train one "
+            f"(python -m mage_jax.main --config=configs/tokenizer.py --workdir={tok_dir}), convert "
+            f"the official weights (python -m mage_jax.convert tokenizer --torch_checkpoint="
+            f"vqgan_jax_strongaug.ckpt --output={tok_dir}), or set --config.tokenizer_workdir.")
+    params, _ = checkpointing.restore_params(tok_dir)
+    check_tokenizer(config, params, tok_dir)
+    return params
+
+
+def check_tokenizer(config, params, where: str) -> None:
+    """Codebook and token grid of the checkpoint must be those the config's model expects."""
+    model = vqgan.vqgan_from_config(config.tokenizer)
+    size = config.data.image_size
+    expected = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
+    expected = jax.tree.map(lambda x: getattr(x, "value", x), expected,
+                            is_leaf=lambda x: hasattr(x, "value"))
+    got_flat = {jax.tree_util.keystr(k): v.shape
+                for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
+        name = jax.tree_util.keystr(path)
+        if got_flat.get(name) != leaf.shape:
+            raise TokenizerMismatchError(
+                f"the tokenizer in {where} has {name} of shape {got_flat.get(name)} but "
+                f"config.tokenizer ({dict(config.tokenizer)}) builds {leaf.shape}: its codebook "
+                f"or architecture differs. Set config.tokenizer to the sizes the tokenizer was "
+                f"trained with (its config.json), or point --config.tokenizer_workdir elsewhere.")
+
+
+def _schedule(config) -> optax.Schedule:
+    opt = config.optimizer
+    steps_per_epoch = max(config.num_train_examples // config.batch_size, 1)
+    lr = opt.blr * config.batch_size / 256
+    return optim.warmup_cosine(lr, opt.warmup_epochs * steps_per_epoch,
+                               opt.epochs * steps_per_epoch)
+
+
+def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.Stage:
+    # Bad input stops here, before a tokenizer is trained or anything compiled.
+    validation.validate_training_config(config, workdir)
+    validation.validate_batch(config, sharding.make_mesh(config.mesh, devices))
+    size = config.data.image_size
+    grid = vqgan.token_grid(config.tokenizer, size)
+    codebook_size = config.tokenizer.codebook_size
+    tok_model = vqgan.vqgan_from_config(config.tokenizer)
+    model = mage.mage_from_config(config.model, codebook_size=codebook_size,
+                                  num_tokens=grid * grid)
+    use_c = bool(config.contrastive.enabled)
+    projection = contrastive.ProjectionMLP(
+        config.contrastive.proj_hidden_dim, config.contrastive.proj_dim,
+        config.contrastive.proj_layers)
+    schedule = _schedule(config)
+    opt = config.optimizer
+    tx = optim.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                     grad_clip_norm=opt.grad_clip_norm)
+    mcfg = config.masking
+    num_tokens = grid * grid
+
+    def init_state(rng):
+        m_rng, p_rng = jax.random.split(rng)
+        tokens = jnp.zeros((1, num_tokens), jnp.int32)
+        drop, masked = masking.sample_masks(m_rng, 1, num_tokens, 1.0, mcfg.drop_ratio)
+        params = {"mage": model.init({"params": m_rng}, tokens, drop, masked, train=False)["params"]}
+        if use_c:
+            params["projection"] = projection.init(
+                p_rng, jnp.zeros((1, config.model.embed_dim)))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    def tokenize(tok_params, images):
+        ids = tok_model.apply({"params": tok_params}, images, method=tok_model.encode)
+        return jax.lax.stop_gradient(ids)
+
+    def masks_for(rng, batch):
+        ratio_rng, mask_rng = jax.random.split(rng)
+        shape = (batch,) if mcfg.per_example else ()
+        ratio = masking.sample_mask_ratio(ratio_rng, mcfg.min_ratio, mcfg.max_ratio, mcfg.mean,
+                                          mcfg.std, shape=shape)
+        drop, masked = masking.sample_masks(mask_rng, batch, num_tokens, ratio, mcfg.drop_ratio)
+        return ratio, drop, masked
+
+    def view_loss(params, tokens, rng):
+        mask_rng, dropout_rng = jax.random.split(rng)
+        ratio, drop, masked = masks_for(mask_rng, tokens.shape[0])
+        out = model.apply({"params": params["mage"]}, tokens, drop, masked, train=True,
+                          rngs={"dropout": dropout_rng})
+        loss, terms = mage.mage_loss(out["logits"], tokens, masked, codebook_size,
+                                     config.label_smoothing)
+        return loss, terms, out, jnp.mean(ratio)
+
+    def loss_fn(params, batch, rng, tok_params):
+        rng1, rng2 = jax.random.split(rng)
+        loss, terms, out, ratio = view_loss(params, tokenize(tok_params, batch["image"]), rng1)
+        metrics = {"reconstruction_loss": loss, "mask_ratio": ratio, **terms}
+        if use_c:
+            loss2, _, out2, _ = view_loss(params, tokenize(tok_params, batch["image2"]), rng2)
+            z1 = projection.apply({"params": params["projection"]}, out["pooled"])
+            z2 = projection.apply({"params": params["projection"]}, out2["pooled"])
+            nce, nce_acc = contrastive.info_nce(z1, z2, config.contrastive.temperature)
+            loss = 0.5 * (loss + loss2)
+            metrics.update(reconstruction_loss=loss, contrastive_loss=nce,
+                           contrastive_accuracy=nce_acc)
+            loss = loss + config.contrastive.weight * nce
+        return loss, metrics
+
+    def train_step(state, batch, rng, tok_params):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], batch, rng, tok_params)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics.update(loss=loss, lr=schedule(state["step"]), grad_norm=optax.global_norm(grads))
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    def summarize(state, batch, rng, tok_params):
+        """Masked input | one-step prediction | original, decoded by the tokenizer."""
+        images = batch["image"][: config.num_image_summaries]
+        tokens = tokenize(tok_params, images)
+        _, drop, masked = masks_for(rng, tokens.shape[0])
+        logits = model.apply({"params": state["params"]["mage"]}, tokens, drop, masked,
+                             train=False)["logits"]
+        predicted = jnp.argmax(logits[:, 1:, :codebook_size], axis=-1)
+        predicted = jnp.where(masked[:, 1:], predicted, tokens)
+        decode = lambda ids: jnp.clip(
+            tok_model.apply({"params": tok_params}, ids, method=tok_model.decode), 0.0, 1.0)
+        patch = size // grid
+        pixel_mask = jnp.repeat(jnp.repeat(masked[:, 1:].reshape(-1, grid, grid), patch, 1),
+                                patch, 2)[..., None]
+        masked_input = jnp.where(pixel_mask, 0.5, images)
+        return {"masked_prediction_original": jnp.concatenate(
+            [masked_input, decode(predicted), images], axis=2)}
+
+    def check():
+        if config.batch_size < 2 and use_c:
+            raise ValueError("MAGE-C needs config.batch_size >= 2 for InfoNCE negatives.")
+
+    frozen = load_tokenizer(config, workdir, devices)
+    return loop.Stage(init_state=init_state, train_step=train_step, summarize=summarize,
+                      frozen=frozen, two_views=use_c, check=check)

@@ -1,0 +1,131 @@
+"""Stage `tokenizer`: the VQGAN and its discriminator, trained as MaskGIT trains them.
+
+Generator loss = reconstruction + codebook + 0.25 commitment + 0.1 entropy
+                 [+ 0.1 perceptual] [+ 0.1 adversarial after the warm-up];
+discriminator loss = logistic loss on real/reconstructed images + R1 penalty on real ones,
+also only after the warm-up. Both use Adam (betas (0, 0.99)).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mage_jax import optim, tokenizer_losses
+from mage_jax.models import discriminator as disc_lib
+from mage_jax.models import lpips, vqgan
+from mage_jax.train import loop
+
+
+def build_models(config: ml_collections.ConfigDict):
+    model = vqgan.vqgan_from_config(config.tokenizer)
+    disc = disc_lib.StyleGANDiscriminator(
+        ch=config.discriminator.ch, ch_mult=tuple(config.discriminator.ch_mult))
+    return model, disc
+
+
+def _optimizer(config) -> optax.GradientTransformation:
+    opt = config.optimizer
+    return optim.adamw(optim.warmup_constant(opt.lr, opt.warmup_steps), b1=opt.b1, b2=opt.b2,
+                       weight_decay=opt.weight_decay, grad_clip_norm=opt.grad_clip_norm)
+
+
+def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
+    model, disc = build_models(config)
+    tx, disc_tx = _optimizer(config), _optimizer(config)
+    size = config.data.image_size
+    loss_cfg = config.loss
+
+    def check():
+        vqgan.token_grid(config.tokenizer, size)  # raises if size does not fit the factor
+        disc_lib.check_image_size(disc, size)
+
+    def init_state(rng):
+        g_rng, d_rng = jax.random.split(rng)
+        images = jnp.zeros((1, size, size, 3), jnp.float32)
+        params = model.init(g_rng, images)["params"]
+        disc_params = disc.init(d_rng, images)["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                "disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
+
+    perceptual_params = None
+    if loss_cfg.perceptual_weights and loss_cfg.perceptual_weight > 0:
+        perceptual_params = lpips.load_lpips_params(loss_cfg.perceptual_weights)
+
+    def generator_loss(params, disc_params, images, adv_on, frozen):
+        recon, aux = model.apply({"params": params}, images, train=True)
+        terms = {
+            "reconstruction_loss": tokenizer_losses.reconstruction_loss(
+                recon, images, loss_cfg.reconstruction),
+            "codebook_loss": aux["codebook_loss"],
+            "commitment_loss": aux["commitment_loss"],
+            "entropy_loss": aux["entropy_loss"],
+        }
+        loss = (loss_cfg.reconstruction_weight * terms["reconstruction_loss"]
+                + loss_cfg.codebook_weight * terms["codebook_loss"]
+                + loss_cfg.commitment_weight * terms["commitment_loss"]
+                + loss_cfg.entropy_weight * terms["entropy_loss"])
+        if frozen is not None:
+            terms["perceptual_loss"] = lpips.perceptual_loss(frozen, recon, images)
+            loss += loss_cfg.perceptual_weight * terms["perceptual_loss"]
+        fake_logits = disc.apply({"params": disc_params}, recon)
+        terms["generator_adversarial_loss"] = tokenizer_losses.generator_adversarial_loss(
+            fake_logits)
+        loss += adv_on * loss_cfg.adversarial_weight * terms["generator_adversarial_loss"]
+        terms.update(codebook_usage=aux["codebook_usage"], perplexity=aux["perplexity"],
+                     psnr=_psnr(recon, images))
+        return loss, (terms, recon)
+
+    def discriminator_loss(disc_params, images, recon):
+        apply = lambda p, x: disc.apply({"params": p}, x)
+        real, fake = apply(disc_params, images), apply(disc_params, jax.lax.stop_gradient(recon))
+        d_loss = tokenizer_losses.discriminator_loss(real, fake)
+        r1 = tokenizer_losses.r1_penalty(apply, disc_params, images)
+        return d_loss + loss_cfg.r1_weight * r1, {"discriminator_loss": d_loss, "r1_penalty": r1}
+
+    def train_step(state, batch, rng, frozen):
+        del rng  # the VQGAN and discriminator are deterministic
+        images = batch["image"]
+        adv_on = tokenizer_losses.adversarial_weight(state["step"],
+                                                     loss_cfg.adversarial_warmup_steps)
+        (loss, (terms, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+            state["params"], state["disc_params"], images, adv_on, frozen)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+
+        (_, d_terms), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+            state["disc_params"], images, recon)
+        # Before the warm-up ends the discriminator does not move (zero grads, no Adam step).
+        d_grads = jax.tree.map(lambda g: g * adv_on, d_grads)
+        d_updates, disc_opt_state = disc_tx.update(d_grads, state["disc_opt_state"],
+                                                   state["disc_params"])
+        disc_params = jax.tree.map(
+            lambda p, u: jnp.where(adv_on > 0, p + u, p), state["disc_params"], d_updates)
+        disc_opt_state = jax.tree.map(
+            lambda new, old: jnp.where(adv_on > 0, new, old), disc_opt_state,
+            state["disc_opt_state"])
+
+        metrics = {"loss": loss, **terms, **d_terms, "adversarial_on": adv_on,
+                   "grad_norm": optax.global_norm(grads)}
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                     "disc_params": disc_params, "disc_opt_state": disc_opt_state}
+        return new_state, metrics
+
+    def summarize(state, batch, rng, frozen):
+        images = batch["image"][: config.num_image_summaries]
+        recon, _ = model.apply({"params": state["params"]}, images)
+        # Inputs beside reconstructions, one pair per row.
+        return {"inputs_and_reconstructions": jnp.concatenate(
+            [images, jnp.clip(recon, 0.0, 1.0)], axis=2)}
+
+    return loop.Stage(init_state=init_state, train_step=train_step, summarize=summarize,
+                      frozen=perceptual_params, check=check)
+
+
+def _psnr(x, y):
+    """PSNR in dB of images in [0, 1], averaged over the batch."""
+    mse = jnp.mean(jnp.square(jnp.clip(x, 0.0, 1.0) - y), axis=(1, 2, 3))
+    return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))

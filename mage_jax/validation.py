@@ -1,0 +1,53 @@
+"""Checks that run before anything is compiled, each naming the bad value and the fix."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+import ml_collections
+
+from mage_jax import sharding
+from mage_jax.data import datasets
+
+
+class ConfigError(ValueError):
+    """The config asks for something that cannot run."""
+
+
+def validate_workdir(workdir: str) -> None:
+    if not workdir:
+        raise ConfigError("--workdir is required: the directory for checkpoints and metrics.")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir={workdir} is not writable ({e.strerror}). Choose a directory you can "
+            f"write to, e.g. --workdir=$HOME/mage_runs/NAME.") from e
+
+
+def validate_training_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    for key in ("total_steps", "log_every", "checkpoint_every", "batch_size", "keep_checkpoints"):
+        if int(config[key]) < 1:
+            raise ConfigError(f"config.{key}={config[key]} must be a positive integer.")
+    if config.image_summary_every < 0:
+        raise ConfigError(
+            f"config.image_summary_every={config.image_summary_every} must be >= 0 (0 is off).")
+    validate_workdir(workdir)
+    datasets.check_dataset(config.data, config.data.train_split)
+
+
+def validate_batch(config: ml_collections.ConfigDict, mesh) -> None:
+    """The global batch must split evenly over hosts and over the data-parallel devices."""
+    dp = sharding.data_parallel_size(mesh)
+    if config.batch_size % dp:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
+            f"{dp} (mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']}). Use a "
+            f"multiple of {dp}, e.g. --config.batch_size={max(dp, config.batch_size // dp * dp)}.")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is not divisible by the "
+            f"{jax.process_count()} processes.")

@@ -1,0 +1,33 @@
+"""mage_jax: MAGE (arXiv 2211.09117) pretraining and evaluation in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mage_jax",
+    version="0.1.0",
+    description="MAsked Generative Encoder (MAGE) pretraining at TPU-pod scale in JAX/Flax",
+    packages=find_packages(include=["mage_jax", "mage_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.8",
+        # TFDS builds (prepares) datasets with TensorFlow; reading uses array_record.
+        "tensorflow-cpu>=2.18",
+        "array-record>=0.7",
+        "grain>=0.2.12",
+        "ml-collections>=1.0",
+        "clu>=0.0.12",
+        "tensorboard>=2.18",
+        "absl-py",
+        "numpy",
+        "scipy",
+        "pillow",
+    ],
+    extras_require={
+        # Reading released PyTorch checkpoints (.pth / .ckpt) for conversion.
+        "torch": ["torch>=2.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+    },
+)

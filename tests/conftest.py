@@ -1,0 +1,41 @@
+"""Shared test fixtures: paths of the reference files computed by the official code."""
+import json
+import os
+import pathlib
+
+# Every test process sees 8 simulated CPU devices (a small pod slice); single-device runs
+# build their mesh from jax.devices()[:1]. Must happen before JAX initialises its backend.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np
+import pytest
+
+_SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def _fixture_path(env_var: str, default_name: str) -> pathlib.Path:
+    path = pathlib.Path(os.environ.get(env_var, _SHARED / default_name))
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{env_var}={path} does not exist; point {env_var} at a reference .npz "
+            f"(the shared checkout has {_SHARED / default_name}).")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mage_torch_fixture():
+    """The official PyTorch MAGE reference: a dict of arrays plus ``meta`` (parsed JSON)."""
+    with np.load(_fixture_path("MAGE_TORCH_FIXTURE", "mage_torch_tiny.npz")) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["meta"] = json.loads(str(arrays.pop("meta_json")))
+    return arrays
+
+
+@pytest.fixture(scope="session")
+def inception_fixture():
+    with np.load(_fixture_path("INCEPTION_FIXTURE", "inception_fid_tiny.npz")) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["meta"] = json.loads(str(arrays.pop("meta_json")))
+    return arrays
