@@ -41,7 +41,8 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
 
     def check():
         vqgan.token_grid(config.tokenizer, size)  # raises if size does not fit the factor
-        disc_lib.check_image_size(disc, size)
+        # Shape-checks the discriminator at this size without compiling anything.
+        jax.eval_shape(disc.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
 
     def init_state(rng):
         g_rng, d_rng = jax.random.split(rng)
@@ -53,7 +54,8 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
 
     perceptual_params = None
     if loss_cfg.perceptual_weights and loss_cfg.perceptual_weight > 0:
-        perceptual_params = lpips.load_lpips_params(loss_cfg.perceptual_weights)
+        # Comma-separated files merge (e.g. torchvision's VGG16 plus lpips' lin weights).
+        perceptual_params = lpips.load_lpips_params(*loss_cfg.perceptual_weights.split(","))
 
     def generator_loss(params, disc_params, images, adv_on, frozen):
         recon, aux = model.apply({"params": params}, images, train=True)

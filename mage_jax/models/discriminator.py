@@ -1,0 +1,169 @@
+"""StyleGAN-style discriminator for training the VQGAN tokenizer adversarially.
+
+MaskGIT trains its VQGAN tokenizer (the one MAGE uses) against a StyleGAN2-like residual
+discriminator. This module follows that design:
+
+    conv3x3 + lrelu                                          (from RGB)
+    per ``ch_mult`` entry, a residual down block:
+        main: conv3x3 + lrelu -> blur -> conv3x3 stride 2 + lrelu
+        skip: blur -> 1x1 conv stride 2 (no bias)             (= downsample, then 1x1 conv)
+        out = (main + skip) / sqrt(2)
+    minibatch standard deviation (+1 channel) -> conv3x3 + lrelu
+    flatten -> dense + lrelu -> dense -> logit
+
+Choices, and where they differ from StyleGAN2 / MaskGIT:
+
+* No equalized learning rate and plain ``leaky_relu(0.2)`` (no sqrt(2) gain): standard
+  initialisers, as MaskGIT's flax discriminator does. With Adam (betas (0, 0.99)) the
+  per-parameter step size already adapts to each layer's scale, which is most of what
+  equalized LR buys.
+* The input is a 3x3 conv, as in MaskGIT (StyleGAN2's "fromRGB" is 1x1).
+* The minibatch-stddev groups are *contiguous* samples (StyleGAN2 groups strided ones).
+  With the batch sharded over data-parallel devices, contiguous groups of size G stay on
+  one device whenever G divides the per-device batch, so the layer needs no
+  communication. See :func:`minibatch_stddev`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+_CONV_AXES = ("height", "width", "conv_in", "conv_out")
+
+
+def _leaky_relu(x):
+    return nn.leaky_relu(x, negative_slope=0.2)
+
+
+def _conv(features: int, kernel: int, *, stride: int = 1, padding="SAME", use_bias=True,
+          dtype=jnp.float32, param_dtype=jnp.float32, name=None) -> nn.Conv:
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding=padding,
+        use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), _CONV_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+
+
+def blur(x: jax.Array, kernel_1d: Sequence[float], pad: tuple[int, int]) -> jax.Array:
+    """Low-pass filters NHWC ``x`` per channel with the separable, sum-normalised kernel.
+
+    ``pad`` is (before, after) zero padding on both spatial axes. Filtering before a stride-2
+    layer is the anti-aliasing of StyleGAN2's downsampling (the kernel (1,3,3,1) is symmetric,
+    so correlation and convolution agree).
+    """
+    k = np.asarray(kernel_1d, np.float32)
+    k2 = np.outer(k, k)
+    k2 = k2 / k2.sum()
+    channels = x.shape[-1]
+    # Depthwise kernel in HWIO with feature_group_count = channels: (kh, kw, 1, C).
+    w = jnp.asarray(np.tile(k2[:, :, None, None], (1, 1, 1, channels)), x.dtype)
+    return jax.lax.conv_general_dilated(
+        x, w, window_strides=(1, 1), padding=(pad, pad),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+
+
+def _down_pads(blur_taps: int, conv_kernel: int) -> tuple[int, int]:
+    """Blur padding so that blur + stride-2 'VALID' conv maps a size H (even) to H / 2."""
+    p = (blur_taps - 2) + (conv_kernel - 1)
+    return ((p + 1) // 2, p // 2)
+
+
+def minibatch_stddev(x: jax.Array, group_size: int, eps: float = 1e-8) -> jax.Array:
+    """Appends StyleGAN's minibatch standard-deviation feature as one extra channel.
+
+    Samples are split into groups of ``G = gcd(min(group_size, B), B)`` *contiguous* samples:
+    as in StyleGAN2 a batch smaller than ``group_size`` is one group, and a batch size that
+    the group size does not divide falls back to the largest divisor of both (StyleGAN2
+    would fail there), so any batch size works. Within a group, each feature's standard deviation
+    over the group (population variance, + ``eps``, square root) is averaged over channels
+    and pixels; that scalar is broadcast as a new channel to every sample of the group.
+    A group of identical samples thus gets ``sqrt(eps)`` (essentially 0), which lets the
+    discriminator detect a generator that collapses to low batch diversity.
+    """
+    b, h, w, c = x.shape
+    g = math.gcd(min(int(group_size), b), b)
+    groups = x.astype(jnp.float32).reshape(b // g, g, h, w, c)
+    var = jnp.mean(jnp.square(groups - groups.mean(axis=1, keepdims=True)), axis=1)
+    std = jnp.sqrt(var + eps).mean(axis=(1, 2, 3))  # (B / G,)
+    feature = jnp.broadcast_to(jnp.repeat(std, g)[:, None, None, None], (b, h, w, 1))
+    return jnp.concatenate([x, feature.astype(x.dtype)], axis=-1)
+
+
+class DownBlock(nn.Module):
+    """Residual block that halves the resolution: (main + skip) / sqrt(2)."""
+    features: int
+    blur_kernel: Sequence[float] = (1, 3, 3, 1)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        taps = len(self.blur_kernel)
+        h = _leaky_relu(_conv(x.shape[-1], 3, name="conv1", **kw)(x))
+        h = blur(h, self.blur_kernel, _down_pads(taps, 3))
+        h = _leaky_relu(_conv(self.features, 3, stride=2, padding="VALID", name="conv2", **kw)(h))
+        s = blur(x, self.blur_kernel, _down_pads(taps, 1))
+        s = _conv(self.features, 1, stride=2, padding="VALID", use_bias=False, name="skip", **kw)(s)
+        return (h + s) * (1.0 / math.sqrt(2.0))
+
+
+class StyleGANDiscriminator(nn.Module):
+    """Real/fake logits (B,) for NHWC images in [0, 1].
+
+    Attributes:
+      ch: base channel count; block i outputs ``ch * ch_mult[i]`` channels.
+      ch_mult: one residual down block per entry; image sides must be divisible by
+        ``2 ** len(ch_mult)``. The final dense layer's size depends on the image size, so
+        parameters initialised at one resolution only fit that resolution.
+      blur_kernel: 1-D anti-aliasing filter taps before each stride-2 layer.
+      mbstd_group_size: group size of the minibatch-stddev layer (0 disables it).
+    """
+    ch: int = 64
+    ch_mult: Sequence[int] = (2, 4, 4, 4, 4)
+    blur_kernel: Sequence[float] = (1, 3, 3, 1)
+    mbstd_group_size: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+            raise ValueError(
+                f"StyleGANDiscriminator expects NHWC images (B, H, W, C); got shape {images.shape}. "
+                f"Transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
+        factor = 2 ** len(self.ch_mult)
+        _, height, width, _ = images.shape
+        if height % factor or width % factor:
+            raise ValueError(
+                f"StyleGANDiscriminator with ch_mult={tuple(self.ch_mult)} downsamples by {factor}, "
+                f"but the image size {height}x{width} is not divisible by {factor}. Resize/crop the "
+                f"images to a multiple of {factor} or use fewer ch_mult entries.")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        x = images.astype(self.dtype) * 2.0 - 1.0  # [0, 1] -> [-1, 1]
+        x = _leaky_relu(_conv(self.ch, 3, name="conv_in", **kw)(x))
+        for i, mult in enumerate(self.ch_mult):
+            x = DownBlock(self.ch * mult, self.blur_kernel, name=f"down_{i}", **kw)(x)
+        if self.mbstd_group_size > 0:
+            x = minibatch_stddev(x, self.mbstd_group_size)
+        channels = self.ch * (self.ch_mult[-1] if self.ch_mult else 1)
+        x = _leaky_relu(_conv(channels, 3, name="conv_out", **kw)(x))
+        x = x.reshape(x.shape[0], -1)
+        x = _leaky_relu(nn.Dense(
+            channels, dtype=self.dtype, param_dtype=self.param_dtype, name="dense",
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)))(x))
+        # One output unit: its axis is left unnamed (replicated).
+        logits = nn.Dense(
+            1, dtype=self.dtype, param_dtype=self.param_dtype, name="logit",
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", None)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))(x)
+        return logits[:, 0].astype(jnp.float32)

@@ -1,0 +1,267 @@
+"""Unit tests of the MAGE encoder-decoder, its transformer stack and its loss (tiny sizes)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mage_jax.masking import sample_masks
+from mage_jax.models.mage import MAGE, mage_from_config, mage_loss
+from mage_jax.sharding import LOGICAL_AXIS_RULES
+
+TINY = dict(codebook_size=16, num_tokens=16, embed_dim=32, depth=2, num_heads=4,
+            decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
+BATCH = 2
+
+
+def _inputs(seed=0, ratio=0.75):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    tokens = jax.random.randint(k1, (BATCH, TINY["num_tokens"]), 0, TINY["codebook_size"])
+    drop, masked = sample_masks(k2, BATCH, TINY["num_tokens"], ratio)
+    return tokens, drop, masked
+
+
+@pytest.fixture(scope="module")
+def plain():
+    model = MAGE(**TINY)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *_inputs())["params"])
+    # Non-trivial norm parameters, so a misplaced norm cannot hide behind ones/zeros.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 * jax.random.normal(jax.random.key(len(str(p))), x.shape)
+        if "norm" in jax.tree_util.keystr(p) else x, params)
+    return model, params
+
+
+def _to_scan_layout(params):
+    out = dict(params)
+    for stack in ("encoder", "decoder"):
+        blocks = [params[stack][f"block_{i}"] for i in range(len(params[stack]))]
+        out[stack] = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    return out
+
+
+def test_special_ids_of_the_legacy_vocabulary():
+    model = MAGE(codebook_size=1024, num_tokens=256)
+    assert (model.vocab_size, model.fake_class_id, model.mask_token_id) == (2025, 1100, 2024)
+    assert model.num_dropped == 128
+    other = MAGE(codebook_size=64, num_tokens=16)
+    assert (other.vocab_size, other.fake_class_id, other.mask_token_id) == (1065, 140, 1064)
+
+
+def test_param_logical_names_come_from_the_vocabulary():
+    vocabulary = {name for name, _ in LOGICAL_AXIS_RULES}
+    for scan in (False, True):
+        model = MAGE(**TINY, scan_layers=scan)
+        abstract = jax.eval_shape(model.init, jax.random.key(0), *_inputs())["params"]
+        leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        for leaf in leaves:
+            assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+            names = leaf.names
+            assert len(names) == leaf.value.ndim
+            if scan and names[0] is None:  # the stacked layer axis is never sharded
+                names = names[1:]
+            assert set(names) <= vocabulary, names
+
+
+_REF_CACHE = {}
+
+
+def _reference_grads(model, params, seed):
+    if seed not in _REF_CACHE:
+        tokens, drop, masked = _inputs(seed)
+
+        def loss(p):
+            out = model.apply({"params": p}, tokens, drop, masked)
+            return mage_loss(out["logits"], tokens, masked, TINY["codebook_size"])[0], out
+
+        _REF_CACHE[seed] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return _REF_CACHE[seed]
+
+
+@pytest.mark.parametrize("remat,scan", [(True, False), (False, True), (True, True)])
+def test_remat_and_scan_match_the_plain_stack(plain, remat, scan):
+    model, params = plain
+    other = MAGE(**TINY, remat=remat, scan_layers=scan)
+    other_params = _to_scan_layout(params) if scan else params
+    tokens, drop, masked = _inputs(1)
+
+    def loss(m, p):
+        out = m.apply({"params": p}, tokens, drop, masked)
+        return mage_loss(out["logits"], tokens, masked, TINY["codebook_size"])[0], out
+
+    (l_ref, out_ref), g_ref = _reference_grads(model, params, seed=1)
+    (l_oth, out_oth), g_oth = jax.jit(jax.value_and_grad(lambda p: loss(other, p), has_aux=True))(
+        other_params)
+    for key in ("logits", "encoder_output", "pooled"):
+        np.testing.assert_allclose(out_oth[key], out_ref[key], rtol=1e-5, atol=1e-6)
+    g_ref = _to_scan_layout(g_ref) if scan else g_ref
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_oth, g_ref)
+    assert float(l_oth) == pytest.approx(float(l_ref), rel=1e-6)
+
+
+def test_remat_keeps_dropout_identical(plain):
+    model, params = plain
+    tokens, drop, masked = _inputs(2)
+
+    def run(m, train):
+        return jax.jit(lambda p: m.apply({"params": p}, tokens, drop, masked, train=train,
+                                         rngs={"dropout": jax.random.key(7)}))(params)
+
+    a, b = run(model, True), run(MAGE(**TINY, remat=True), True)
+    c = run(model, False)
+    np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(a["logits"]) - np.asarray(c["logits"])).max() > 1e-3  # dropout on
+
+
+def test_word_embeddings_get_gradient_only_through_the_input(plain):
+    model, params = plain
+    tokens, drop, masked = _inputs(3)
+    tokens = tokens % 8  # ids 8.. never appear in the input
+    weights = jax.random.normal(jax.random.key(4), (BATCH, TINY["num_tokens"] + 1,
+                                                    model.vocab_size))
+
+    def objective(p):
+        return jnp.sum(model.apply({"params": p}, tokens, drop, masked)["logits"] * weights)
+
+    grads = jax.jit(jax.grad(objective))(params)
+    g = np.abs(np.asarray(grads["token_emb"]["word_embeddings"])).sum(axis=1)
+    used = set(np.asarray(tokens)[~np.asarray(masked)[:, 1:]].tolist())
+    used |= {model.fake_class_id, model.mask_token_id}
+    unused = np.array([i for i in range(model.vocab_size) if i not in used])
+    assert np.all(g[unused] == 0.0)  # the MLM head reads a gradient-stopped table
+    assert np.all(g[sorted(used)] > 0.0)
+    assert np.abs(np.asarray(grads["mlm_head"]["bias"])).sum() > 0
+
+
+def test_dropped_positions_do_not_reach_the_encoder(plain):
+    model, params = plain
+    tokens, drop, _ = _inputs(5)
+    masked = jnp.zeros_like(drop)  # keep dropped ids visible, so only dropping hides them
+    out = model.apply({"params": params}, tokens, drop, masked)
+    changed = jnp.where(drop[:, 1:], (tokens + 1) % TINY["codebook_size"], tokens)
+    out2 = model.apply({"params": params}, changed, drop, masked)
+    np.testing.assert_array_equal(out["encoder_output"], out2["encoder_output"])
+    kept_change = jnp.where(~drop[:, 1:], (tokens + 1) % TINY["codebook_size"], tokens)
+    out3 = model.apply({"params": params}, kept_change, drop, masked)
+    assert np.abs(np.asarray(out3["encoder_output"] - out["encoder_output"])).max() > 1e-3
+
+    # The kept positions go in positional order with their own position embeddings.
+    def encode_kept(m, ids, keep):
+        x = m.token_emb(m._with_c0(ids), True)
+        return m.norm(m.encoder(x[:, keep], True))
+
+    for b in range(BATCH):
+        keep = np.flatnonzero(~np.asarray(drop[b]))
+        ref = model.apply({"params": params}, tokens[b:b + 1], keep, method=encode_kept)
+        np.testing.assert_allclose(out["encoder_output"][b:b + 1], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_positions_get_the_c0_output_in_the_decoder(plain):
+    # All masked positions see the same decoder input, so with identical position
+    # embeddings... instead: changing a masked target token must not change any logit.
+    model, params = plain
+    tokens, drop, masked = _inputs(6)
+    out = model.apply({"params": params}, tokens, drop, masked)
+    changed = jnp.where(masked[:, 1:], (tokens + 3) % TINY["codebook_size"], tokens)
+    out2 = model.apply({"params": params}, changed, drop, masked)
+    np.testing.assert_array_equal(out["logits"], out2["logits"])
+
+
+def test_wrong_drop_count_is_rejected(plain):
+    model, params = plain
+    tokens, drop, masked = _inputs(7)
+    with pytest.raises(ValueError, match="num_dropped=8"):
+        model.apply({"params": params}, tokens, drop.at[:, 1].set(True).at[:, 2].set(True),
+                    masked | drop.at[:, 1].set(True).at[:, 2].set(True))
+    with pytest.raises(ValueError, match="token_all_mask has shape"):
+        model.apply({"params": params}, tokens, drop, masked[:, 1:])
+
+
+def test_bfloat16_compute_is_close(plain):
+    model, params = plain
+    tokens, drop, masked = _inputs(8)
+    ref = model.apply({"params": params}, tokens, drop, masked)
+    bf = MAGE(**TINY, dtype=jnp.bfloat16).apply({"params": params}, tokens, drop, masked)
+    assert bf["encoder_output"].dtype == jnp.bfloat16
+    assert bf["logits"].dtype == jnp.float32
+    for key in ("logits", "encoder_output"):
+        r, b = np.asarray(ref[key], np.float32), np.asarray(bf[key], np.float32)
+        assert np.isfinite(b).all()
+        assert np.abs(r - b).max() <= 0.05 * np.abs(r).max(), key
+
+
+def test_mage_loss_against_the_formula():
+    rng = np.random.default_rng(0)
+    codebook, length, vocab, smoothing = 5, 4, 12, 0.2
+    logits = rng.normal(size=(2, length + 1, vocab)).astype(np.float32)
+    logits[..., codebook:] += 50.0  # class / [MASK] columns must be ignored
+    logits[:, 0] += 50.0  # so must the [C0] position
+    targets = rng.integers(0, codebook, (2, length))
+    masked = np.zeros((2, length + 1), bool)
+    masked[0, [1, 3]] = masked[1, [2, 3, 4]] = True
+    expected, hits = [], []
+    for b, i in zip(*np.nonzero(masked[:, 1:])):
+        row = logits[b, i + 1, :codebook].astype(np.float64)
+        logp = row - np.log(np.exp(row - row.max()).sum()) - row.max()
+        expected.append((1 - smoothing) * -logp[targets[b, i]] + smoothing * -logp.mean())
+        hits.append(row.argmax() == targets[b, i])
+    loss, metrics = mage_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(masked),
+                              codebook, smoothing)
+    assert float(loss) == pytest.approx(np.mean(expected), rel=1e-5)
+    assert float(metrics["masked_accuracy"]) == pytest.approx(np.mean(hits))
+
+
+def test_mage_from_config():
+    cfg = ml_collections.ConfigDict(dict(model=dict(
+        embed_dim=32, depth=3, num_heads=4, decoder_embed_dim=16, decoder_depth=1,
+        decoder_num_heads=2, mlp_ratio=2, dropout_rate=0.0, remat=True, scan_layers=True,
+        dtype="bfloat16")))
+    model = mage_from_config(cfg, codebook_size=64, num_tokens=9)
+    assert (model.embed_dim, model.depth, model.decoder_depth, model.mlp_ratio) == (32, 3, 1, 2)
+    assert model.remat and model.scan_layers and model.dtype == jnp.bfloat16
+    assert (model.codebook_size, model.num_tokens, model.num_dropped) == (64, 9, 5)
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+    from mage_jax import sharding
+    from mage_jax.masking import sample_masks
+    from mage_jax.models.mage import MAGE
+    kw = json.loads(sys.argv[1])
+    model = MAGE(**kw, scan_layers=True, remat=True)
+    tokens = jax.random.randint(jax.random.key(1), (8, kw["num_tokens"]), 0, kw["codebook_size"])
+    drop, masked = sample_masks(jax.random.key(2), 8, kw["num_tokens"], 0.7)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens, drop, masked)["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens, drop, masked)["params"])
+    fn = jax.jit(lambda p, t, d, a: model.apply({"params": p}, t, d, a)["logits"])
+    ref = fn(params, tokens, drop, masked)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    shardings = sharding.logical_shardings(boxed, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        p = jax.device_put(params, shardings)
+        out = fn(p, tokens, drop, masked)  # retraced: sharded inputs, constraints active
+    qkv = p["encoder"]["layers"]["attn"]["qkv"]["kernel"]
+    print(json.dumps(dict(diff=float(np.abs(np.asarray(out) - np.asarray(ref)).max()),
+                          qkv_spec=str(qkv.sharding.spec))))
+""")
+
+
+def test_sharded_forward_on_8_devices_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, json.dumps(TINY)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["diff"] < 1e-5
+    # (layers, embed, qkv, heads, kv): embed over fsdp, heads over tensor.
+    assert result["qkv_spec"] == str(
+        jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None))
