@@ -16,6 +16,7 @@ setup(
         # TFDS builds (prepares) datasets with TensorFlow; reading uses array_record.
         "tensorflow-cpu>=2.18",
         "array-record>=0.7",
+        "importlib_resources",  # TFDS needs it to prepare standard datasets
         "grain>=0.2.12",
         "ml-collections>=1.0",
         "clu>=0.0.12",

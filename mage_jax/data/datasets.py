@@ -1,0 +1,200 @@
+"""Where images come from: any TFDS image dataset (array_record), or a folder of images.
+
+``check_dataset`` runs before anything is compiled and says exactly how to get a missing
+dataset; ``open_source`` returns a random-access source (``len`` + ``__getitem__`` giving
+``{'image': uint8 HWC, 'label': int}``) for grain. Random access is what makes the input
+pipeline deterministic and resumable: the example at any step is read directly.
+
+Fashion-MNIST, the embedded default, is prepared on first use from Debian's
+``dataset-fashion-mnist`` files (see ``fashion_mnist.py``).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import pathlib
+import shlex
+
+import numpy as np
+
+from mage_jax.data import fashion_mnist
+
+FOLDER = "folder"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+
+
+class DatasetNotFoundError(ValueError):
+    """The configured dataset or split is not available; the message says how to get it."""
+
+
+# ----------------------------------------------------------------------------- folder source
+
+def folder_root(manual_dir, split: str) -> pathlib.Path:
+    """``manual_dir/<split>`` when it exists (the ImageNet layout: train/, val/), else
+    ``manual_dir`` itself, whose class subfolders then serve every split."""
+    if not manual_dir:
+        raise DatasetNotFoundError(
+            "config.data.name='folder' reads config.data.manual_dir, which is not set; set it to "
+            "a directory whose class subfolders hold the images (e.g. root/cat/1.png).")
+    root = pathlib.Path(manual_dir)
+    return root / split if (root / split).is_dir() else root
+
+
+class FolderSource:
+    """Random access to ``root/<class>/<...>/<image>``; labels index the sorted class names.
+
+    The same layout as torchvision's ImageFolder (which the official MAGE code reads
+    ImageNet with), decoded with PIL: 1-channel images stay (H, W, 1), others become RGB.
+    """
+
+    def __init__(self, root):
+        self.root = pathlib.Path(root)
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir()) \
+            if self.root.is_dir() else []
+        self._files: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            for dirpath, _, filenames in sorted(os.walk(self.root / name)):
+                self._files.extend((os.path.join(dirpath, f), label) for f in sorted(filenames)
+                                   if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not self._files:
+            raise DatasetNotFoundError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders of {self.root}; "
+                "config.data.manual_dir must hold one subfolder per class (root/<class>/<img>).")
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image  # Imported lazily: only folder datasets need it here.
+        path, label = self._files[index]
+        with Image.open(path) as img:
+            img = img.convert("L") if img.mode in ("L", "1", "I;16", "I") else img.convert("RGB")
+            image = np.asarray(img, dtype=np.uint8)
+        return {"image": image[..., None] if image.ndim == 2 else image, "label": label}
+
+    def __repr__(self) -> str:
+        return f"FolderSource({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+def _split_names(split: str) -> list[str]:
+    """The split names in a TFDS split spec such as 'train[:90%]+validation'."""
+    return [part.split("[")[0].strip() for part in split.split("+")]
+
+
+def _build_command(name: str, data_dir: str, manual_dir=None) -> str:
+    """How to prepare ``name`` as array_record: the tfds CLI, and plain Python (the CLI
+    imports apache_beam at start-up, which a minimal install lacks)."""
+    cli = f"tfds build {name} --data_dir={shlex.quote(data_dir)} --file_format=array_record"
+    cli += f" --manual_dir={shlex.quote(str(manual_dir))}" if manual_dir else ""
+    config = f"manual_dir={str(manual_dir)!r}" if manual_dir else ""
+    python = (f"import tensorflow_datasets as tfds; tfds.builder({name!r}, data_dir={data_dir!r})"
+              f".download_and_prepare(file_format='array_record', "
+              f"download_config=tfds.download.DownloadConfig({config}))")
+    hint = f"{cli}\nor, without apache_beam installed,\n  python -c \"{python}\""
+    if importlib.util.find_spec("importlib_resources") is None:
+        hint = "pip install importlib_resources  (TFDS needs it to prepare datasets), then\n  " + hint
+    return hint
+
+
+def _how_to_get(name: str, data_dir: str, data_cfg) -> str:
+    if name.split(":")[0] == "imagenet2012":
+        manual = data_cfg.get("manual_dir") or "<manual_dir>"
+        return (f"ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar and "
+                f"ILSVRC2012_img_val.tar in {manual} (config.data.manual_dir), then run\n  "
+                + _build_command(name, data_dir, manual))
+    return f"prepare it with\n  {_build_command(name, data_dir, data_cfg.get('manual_dir'))}"
+
+
+def _tfds_builder(name: str, data_dir: str):
+    import tensorflow_datasets as tfds
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        # Community datasets would be looked up on the network: local names only.
+        close = difflib.get_close_matches(
+            name, tfds.list_builders(with_community_datasets=False), n=5)
+        raise DatasetNotFoundError(
+            f"config.data.name={name!r} is not a TFDS dataset"
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
+            + f"; see https://www.tensorflow.org/datasets/catalog, or use name='{FOLDER}' with "
+            "manual_dir pointing at a folder of class subfolders.") from None
+
+
+def _check_prepared_builder(builder, name: str, data_dir: str, split: str, data_cfg) -> None:
+    from tensorflow_datasets.core import file_adapters
+    if builder.info.file_format != file_adapters.FileFormat.ARRAY_RECORD:
+        if name == fashion_mnist.NAME:
+            fix = (f"delete {builder.data_dir}; it is then prepared again as array_record on "
+                   "first use")
+        else:
+            fix = f"delete {builder.data_dir} and prepare it again with\n  " + _build_command(
+                name, data_dir, data_cfg.get("manual_dir"))
+        raise DatasetNotFoundError(
+            f"{name} in {builder.data_dir} is stored as {builder.info.file_format.value}, but the "
+            f"input pipeline needs random access (file_format='array_record'): {fix}.")
+    available = list(builder.info.splits.keys())
+    unknown = [s for s in _split_names(split) if s not in available]
+    if unknown:
+        raise DatasetNotFoundError(
+            f"split {split!r} of {name}: no split {unknown}; available: {available}.")
+
+
+def check_dataset(data_cfg, split: str) -> None:
+    """Raises ``DatasetNotFoundError`` (with how to get it) unless ``split`` can be read.
+
+    Cheap: reads directory listings and TFDS metadata only (no TF graph, nothing compiled),
+    so a run fails in seconds, not after compiling the model.
+    """
+    name = data_cfg.name
+    if name == FOLDER:
+        root = folder_root(data_cfg.get("manual_dir"), split)
+        if not root.is_dir():
+            raise DatasetNotFoundError(
+                f"config.data.manual_dir={str(root)!r} is not a directory; point it at a folder "
+                "of class subfolders (root/<class>/<image>).")
+        if not any(p.is_dir() for p in root.iterdir()):
+            raise DatasetNotFoundError(
+                f"{root} has no class subfolders; the folder dataset reads root/<class>/<image>.")
+        return
+    data_dir = fashion_mnist.resolve_data_dir(data_cfg.get("data_dir"))
+    builder = _tfds_builder(name, data_dir)
+    if builder.is_prepared():
+        _check_prepared_builder(builder, name, data_dir, split, data_cfg)
+        return
+    if name == fashion_mnist.NAME:
+        source_dir = data_cfg.get("fashion_mnist_dir") or fashion_mnist.DEFAULT_DIR
+        missing = fashion_mnist.missing_files(source_dir)
+        if missing:
+            raise DatasetNotFoundError(
+                f"fashion_mnist is not prepared in {data_dir} and its source files {missing} are "
+                f"missing from {source_dir} (config.data.fashion_mnist_dir). Install them with\n"
+                f"  {fashion_mnist.APT_HINT}\nand fashion_mnist then prepares itself (offline, "
+                f"about 20 s) in {data_dir} on first use.")
+        unknown = [s for s in _split_names(split) if s not in fashion_mnist.FILES]
+        if unknown:
+            raise DatasetNotFoundError(f"split {split!r} of fashion_mnist: no split {unknown}; "
+                                       f"available: {list(fashion_mnist.FILES)}.")
+        return
+    raise DatasetNotFoundError(
+        f"dataset {name!r} is not prepared in data_dir={data_dir} (config.data.data_dir): "
+        + _how_to_get(name, data_dir, data_cfg))
+
+
+def open_source(data_cfg, split: str):
+    """A random-access source of ``{'image': uint8 HWC, 'label': int}`` for ``split``.
+
+    TFDS datasets are read with ``tfds.data_source`` (array_record); fashion_mnist is
+    prepared first if needed. ``name='folder'`` reads images under ``manual_dir``.
+    """
+    check_dataset(data_cfg, split)
+    if data_cfg.name == FOLDER:
+        return FolderSource(folder_root(data_cfg.get("manual_dir"), split))
+    import tensorflow_datasets as tfds
+    data_dir = fashion_mnist.resolve_data_dir(data_cfg.get("data_dir"))
+    if data_cfg.name == fashion_mnist.NAME:
+        fashion_mnist.prepare_fashion_mnist(
+            data_dir, data_cfg.get("fashion_mnist_dir") or fashion_mnist.DEFAULT_DIR)
+    return tfds.data_source(data_cfg.name, split=split, data_dir=data_dir, download=False)
