@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 40 warm-up epochs then cosine to 0 at 1600 epochs, clip 3.0, batch 4096.
     config.optimizer = ml_collections.ConfigDict(dict(
         blr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05,
-        warmup_epochs=40, epochs=1600, grad_clip_norm=3.0,
+        warmup_epochs=40.0, epochs=1600.0, grad_clip_norm=3.0,
     ))
     config.num_train_examples = IMAGENET_TRAIN_EXAMPLES
     config.batch_size = 4096
@@ -93,12 +93,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.contrastive.update(proj_hidden_dim=256, proj_dim=64)
         config.num_train_examples = FASHION_MNIST_TRAIN_EXAMPLES
         config.batch_size = 64
-        config.optimizer.update(blr=1e-3, warmup_epochs=1, epochs=10)
+        # About 940 steps per epoch: warm up for 47 steps, cosine to 0 at 422.
+        config.optimizer.update(blr=1e-3, warmup_epochs=0.05, epochs=0.45)
         config.total_steps = 400
         config.log_every = 25
         config.checkpoint_every = 200
         config.image_summary_every = 200
     else:
         steps_per_epoch = config.num_train_examples // config.batch_size
-        config.total_steps = config.optimizer.epochs * steps_per_epoch
+        config.total_steps = int(config.optimizer.epochs * steps_per_epoch)
     return config

@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         perceptual_weights=ml_collections.FieldReference(None, field_type=str),
         adversarial_weight=0.1,
         r1_weight=10.0,
+        r1_every=16,  # lazy R1 regularisation (StyleGAN2): the penalty every 16 steps, x16
         adversarial_warmup_steps=100_000,  # discriminator and adversarial loss start here
     ))
 
@@ -69,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.tokenizer.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32,
                                 embed_dim=32, codebook_size=256)
         config.discriminator.update(ch=16, ch_mult=(2, 4, 4))
-        config.loss.adversarial_warmup_steps = 200
+        config.loss.adversarial_warmup_steps = 250
         config.optimizer.update(lr=1e-3, warmup_steps=20)
         config.batch_size = 32
         config.total_steps = 300

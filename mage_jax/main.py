@@ -5,6 +5,7 @@ and the config is locked, so an unknown key stops the run before anything happen
 """
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -46,6 +47,13 @@ def initialize_distributed() -> None:
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Keeps orbax's per-save INFO chatter out of the run log (warnings still show)."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def run(config, workdir: str):
     """Runs the stage the config names; importable for tests and notebooks."""
     from mage_jax.train import stages
@@ -57,6 +65,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.key=value.")
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/mage_demo.")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     initialize_distributed()
     run(_CONFIG.value, _WORKDIR.value)
 

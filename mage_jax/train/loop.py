@@ -11,7 +11,6 @@ Everything that can be wrong with the config is found before the first compile.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -80,7 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
 
     # ------------------------------------------------- abstract state, shardings
     base_rng = jax.random.key(config.seed)
-    init_rng, train_rng = jax.random.split(base_rng)
+    init_rng, train_rng, summary_rng = jax.random.split(base_rng, 3)
     boxed_abstract = jax.eval_shape(stage.init_state, init_rng)
     state_shardings = sharding.logical_shardings(boxed_abstract, mesh)
     abstract_state = jax.tree.map(
@@ -114,7 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     summarize = None
     if stage.summarize is not None and config.image_summary_every > 0:
         summarize = jax.jit(
-            lambda s, b, f: stage.summarize(s, b, jax.random.fold_in(train_rng, -1), f),
+            lambda s, b, f: stage.summarize(s, b, summary_rng, f),
             out_shardings=sharding.replicated(mesh))
 
     # -------------------------------------------------------------------- loop
@@ -172,6 +171,5 @@ def _log(writer, step, step_metrics, timer: _Throughput) -> dict:
     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     _check_finite(step, step_metrics)
     values.update(timer(step))
-    writer.write_scalars(step, values)
-    logging.info("step %d: %s", step, json.dumps({k: round(v, 5) for k, v in values.items()}))
+    writer.write_scalars(step, values)  # clu's logging writer also prints them
     return values

@@ -71,8 +71,8 @@ def _schedule(config) -> optax.Schedule:
     opt = config.optimizer
     steps_per_epoch = max(config.num_train_examples // config.batch_size, 1)
     lr = opt.blr * config.batch_size / 256
-    return optim.warmup_cosine(lr, opt.warmup_epochs * steps_per_epoch,
-                               opt.epochs * steps_per_epoch)
+    return optim.warmup_cosine(lr, int(opt.warmup_epochs * steps_per_epoch),
+                               int(opt.epochs * steps_per_epoch))
 
 
 def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.Stage:
@@ -83,8 +83,9 @@ def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None) -
     grid = vqgan.token_grid(config.tokenizer, size)
     codebook_size = config.tokenizer.codebook_size
     tok_model = vqgan.vqgan_from_config(config.tokenizer)
-    model = mage.mage_from_config(config.model, codebook_size=codebook_size,
-                                  num_tokens=grid * grid)
+    model = mage.mage_from_config(config, codebook_size=codebook_size,
+                                  num_tokens=grid * grid).clone(
+                                      drop_ratio=config.masking.drop_ratio)
     use_c = bool(config.contrastive.enabled)
     projection = contrastive.ProjectionMLP(
         config.contrastive.proj_hidden_dim, config.contrastive.proj_dim,

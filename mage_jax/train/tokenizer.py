@@ -73,20 +73,28 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         if frozen is not None:
             terms["perceptual_loss"] = lpips.perceptual_loss(frozen, recon, images)
             loss += loss_cfg.perceptual_weight * terms["perceptual_loss"]
-        fake_logits = disc.apply({"params": disc_params}, recon)
-        terms["generator_adversarial_loss"] = tokenizer_losses.generator_adversarial_loss(
-            fake_logits)
+        # lax.cond: before the warm-up ends the discriminator is not even run.
+        terms["generator_adversarial_loss"] = jax.lax.cond(
+            adv_on > 0,
+            lambda: tokenizer_losses.generator_adversarial_loss(
+                disc.apply({"params": disc_params}, recon)),
+            lambda: jnp.zeros((), jnp.float32))
         loss += adv_on * loss_cfg.adversarial_weight * terms["generator_adversarial_loss"]
         terms.update(codebook_usage=aux["codebook_usage"], perplexity=aux["perplexity"],
                      psnr=_psnr(recon, images))
         return loss, (terms, recon)
 
-    def discriminator_loss(disc_params, images, recon):
+    def discriminator_loss(disc_params, images, recon, step):
         apply = lambda p, x: disc.apply({"params": p}, x)
         real, fake = apply(disc_params, images), apply(disc_params, jax.lax.stop_gradient(recon))
         d_loss = tokenizer_losses.discriminator_loss(real, fake)
-        r1 = tokenizer_losses.r1_penalty(apply, disc_params, images)
-        return d_loss + loss_cfg.r1_weight * r1, {"discriminator_loss": d_loss, "r1_penalty": r1}
+        # Lazy R1 (StyleGAN2): every r1_every steps, scaled by r1_every to keep its weight.
+        every = max(int(loss_cfg.r1_every), 1)
+        r1 = jax.lax.cond(step % every == 0,
+                          lambda: tokenizer_losses.r1_penalty(apply, disc_params, images),
+                          lambda: jnp.zeros((), jnp.float32))
+        return (d_loss + every * loss_cfg.r1_weight * r1,
+                {"discriminator_loss": d_loss, "r1_penalty": r1})
 
     def train_step(state, batch, rng, frozen):
         del rng  # the VQGAN and discriminator are deterministic
@@ -98,17 +106,20 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
 
-        (_, d_terms), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
-            state["disc_params"], images, recon)
-        # Before the warm-up ends the discriminator does not move (zero grads, no Adam step).
-        d_grads = jax.tree.map(lambda g: g * adv_on, d_grads)
-        d_updates, disc_opt_state = disc_tx.update(d_grads, state["disc_opt_state"],
-                                                   state["disc_params"])
-        disc_params = jax.tree.map(
-            lambda p, u: jnp.where(adv_on > 0, p + u, p), state["disc_params"], d_updates)
-        disc_opt_state = jax.tree.map(
-            lambda new, old: jnp.where(adv_on > 0, new, old), disc_opt_state,
-            state["disc_opt_state"])
+        def update_discriminator(disc_params, disc_opt_state):
+            (_, d_terms), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
+                disc_params, images, recon, state["step"])
+            d_updates, disc_opt_state = disc_tx.update(d_grads, disc_opt_state, disc_params)
+            return optax.apply_updates(disc_params, d_updates), disc_opt_state, d_terms
+
+        def hold_discriminator(disc_params, disc_opt_state):
+            zero = jnp.zeros((), jnp.float32)
+            return disc_params, disc_opt_state, {"discriminator_loss": zero, "r1_penalty": zero}
+
+        # Before the warm-up ends the discriminator neither runs nor moves (no Adam step).
+        disc_params, disc_opt_state, d_terms = jax.lax.cond(
+            adv_on > 0, update_discriminator, hold_discriminator,
+            state["disc_params"], state["disc_opt_state"])
 
         metrics = {"loss": loss, **terms, **d_terms, "adversarial_on": adv_on,
                    "grad_norm": optax.global_norm(grads)}

@@ -1,0 +1,193 @@
+"""The pre-norm ViT block shared by MAGE's encoder and decoder, and a stack of them.
+
+The block is the timm ``Block`` that the official MAGE code builds (``models_mage.py``):
+``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``, with a fused qkv projection that has
+a bias, scale ``head_dim ** -0.5``, exact (erf) GELU and dropout after the attention
+softmax, after the output projection and after each MLP layer.
+
+Parameter names follow the PyTorch ones (``norm1``, ``attn/qkv``, ``attn/proj``,
+``norm2``, ``mlp/fc1``, ``mlp/fc2``) so that ``convert/torch_mage.py`` reads as a
+table. The qkv kernel is stored as ``(embed, 3, heads, head_dim)`` rather than
+``(embed, 3 * embed)``: the heads axis is then a real tensor axis that the ``tensor``
+mesh axis can split without reshapes (Megatron-style), and ``embed`` is split by FSDP.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+_ACT = ("batch", "length", "embed")
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """A LayerNorm that matches ``torch.nn.LayerNorm`` (biased two-pass variance)."""
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        name=name)
+
+
+class Linear(nn.Module):
+    """A dense layer over the trailing ``num_in`` axes with a multi-axis output.
+
+    Like ``nn.DenseGeneral``, but its kernel initialiser sees the full kernel shape:
+    DenseGeneral initialises a flattened 2-D kernel and reshapes it, which breaks a
+    logically-partitioned initialiser whose names have the final rank.
+    """
+    features: tuple
+    names_in: tuple
+    names_out: tuple
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.names_in)
+        in_shape = x.shape[x.ndim - n_in:]
+        # torch's xavier_uniform_ on the (out, in) matrix: fans are the flattened sizes
+        # (e.g. fan_out = 3 * embed for qkv), whatever the number of kernel axes.
+        kernel_init = nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)),
+            out_axis=tuple(range(n_in, n_in + len(self.features))))
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(kernel_init, self.names_in + self.names_out),
+            tuple(in_shape) + tuple(self.features), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names_out),
+                          tuple(self.features), self.param_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        return y + bias.astype(self.dtype)
+
+
+def dense(features, names_in: tuple, names_out: tuple, dtype: Dtype, param_dtype: Dtype,
+          name: str) -> Linear:
+    """A ``Linear`` with xavier-uniform kernel and zero bias (the official init), named axes."""
+    features = features if isinstance(features, tuple) else (features,)
+    return Linear(features, names_in, names_out, dtype, param_dtype, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; logits and softmax always in float32.
+
+    The official code disables autocast around ``q @ k^T`` and the softmax, so under
+    bf16 compute we do the same: only the projections and ``attn @ v`` run in ``dtype``.
+    """
+    num_heads: int
+    attention_dropout_rate: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(
+                f"Attention width {width} is not divisible by num_heads={self.num_heads}; "
+                f"pick num_heads dividing the embedding width.")
+        head_dim = width // self.num_heads
+        qkv = dense((3, self.num_heads, head_dim), ("embed",), ("qkv", "heads", "kv"),
+                    self.dtype, self.param_dtype, "qkv")(x)
+        qkv = nn.with_logical_constraint(qkv, ("batch", "length", "qkv", "heads", "kv"))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+        weights = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1)
+        weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        return dense(width, ("heads", "kv"), ("embed",), self.dtype, self.param_dtype, "proj")(out)
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU (torch ``nn.GELU`` is the erf form, not tanh) -> fc2."""
+    hidden_dim: int
+    dropout_rate: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        width = x.shape[-1]
+        h = dense(self.hidden_dim, ("embed",), ("mlp",), self.dtype, self.param_dtype, "fc1")(x)
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        h = dense(width, ("mlp",), ("embed",), self.dtype, self.param_dtype, "fc2")(h)
+        return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """One pre-norm ViT block (timm ``Block`` with qkv bias, no drop-path)."""
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        x = nn.with_logical_constraint(x, _ACT)
+        y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")(x)
+        y = Attention(self.num_heads, self.attention_dropout_rate, self.dtype, self.param_dtype,
+                      name="attn")(y, deterministic)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # timm proj_drop
+        x = x + y
+        y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")(x)
+        y = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name="mlp")(
+            y, deterministic)
+        return nn.with_logical_constraint(x + y, _ACT)
+
+
+class _ScanBlock(Block):
+    """``Block`` with the ``(carry, x) -> (carry, y)`` signature that ``nn.scan`` wants."""
+
+    def __call__(self, x: jax.Array, deterministic: bool):  # type: ignore[override]
+        return super().__call__(x, deterministic), None
+
+
+class Transformer(nn.Module):
+    """``depth`` blocks: plain (``block_0`` ...), rematerialised, and/or scanned.
+
+    ``scan_layers`` compiles one block and loops it (compile time independent of depth);
+    its parameters are stacked on a leading layer axis under ``layers``, which carries
+    no logical name (never sharded). ``remat`` recomputes each block's activations in
+    the backward pass to save memory. All four combinations compute the same function.
+    """
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    layer_norm_eps: float = 1e-6
+    remat: bool = False
+    scan_layers: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        block_cls = _ScanBlock if self.scan_layers else Block
+        if self.remat:
+            # argnum 2 is `deterministic` (self counts as 0): a Python bool, so static.
+            block_cls = nn.remat(block_cls, static_argnums=(2,), prevent_cse=not self.scan_layers)
+        kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                      dropout_rate=self.dropout_rate,
+                      attention_dropout_rate=self.attention_dropout_rate,
+                      layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                      param_dtype=self.param_dtype)
+        if self.scan_layers:
+            scanned = nn.scan(
+                block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,), length=self.depth,
+                metadata_params={nn.PARTITION_NAME: None})
+            x, _ = scanned(**kwargs, name="layers")(x, deterministic)
+            return x
+        for i in range(self.depth):
+            x = block_cls(**kwargs, name=f"block_{i}")(x, deterministic)
+        return x
