@@ -38,6 +38,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def reached_preemption(self, step: int) -> bool:
+        """True on every host once any host received a preemption notice (multi-host runs)."""
+        return self._manager.reached_preemption(step)
+
     def save(self, step: int, state: Any, data_iterator: Any | None = None) -> None:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
@@ -49,7 +53,9 @@ class Checkpointer:
         saved = self._manager.item_metadata(step)["state"]
         saved_by_name = _by_name(saved)
         want_by_name = _by_name(abstract_state)
-        for name, want in want_by_name.items():
+        # Parameters first: the error should name `params/...`, not its optimizer moment.
+        for name, want in sorted(want_by_name.items(),
+                                 key=lambda kv: not kv[0].startswith("params/")):
             got = saved_by_name.get(name)
             if got is None:
                 raise CheckpointMismatchError(

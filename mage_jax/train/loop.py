@@ -64,6 +64,16 @@ def _place_frozen(frozen, mesh):
     return jax.device_put(frozen, sharding.replicated(mesh))
 
 
+def abstract_train_state(stage: Stage, mesh, init_rng) -> tuple[State, State]:
+    """(ShapeDtypeStructs carrying their shardings, the NamedShardings) of the train state."""
+    boxed_abstract = jax.eval_shape(stage.init_state, init_rng)
+    state_shardings = sharding.logical_shardings(boxed_abstract, mesh)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(boxed_abstract), state_shardings)
+    return abstract_state, state_shardings
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
                        devices=None) -> State:
     """Trains ``stage`` to ``config.total_steps`` on ``devices`` (default: all), resuming
@@ -80,11 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     # ------------------------------------------------- abstract state, shardings
     base_rng = jax.random.key(config.seed)
     init_rng, train_rng, summary_rng = jax.random.split(base_rng, 3)
-    boxed_abstract = jax.eval_shape(stage.init_state, init_rng)
-    state_shardings = sharding.logical_shardings(boxed_abstract, mesh)
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nn.unbox(boxed_abstract), state_shardings)
+    abstract_state, state_shardings = abstract_train_state(stage, mesh, init_rng)
 
     # ------------------------------------------------------- restore or init
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -123,22 +129,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
         num_train_steps=config.total_steps, every_steps=config.log_every, every_secs=None)
     timer = _Throughput(start_step, config.batch_size)
     last_metrics = None
-    for step in range(start_step + 1, config.total_steps + 1):
-        batch = sharding.host_batch_to_global(next(data_iter), mesh)
-        state, step_metrics = train_step(state, batch, frozen)
-        progress(step)
-        if step % config.log_every == 0 or step == config.total_steps:
-            last_metrics = _log(writer, step, step_metrics, timer)
-        if summarize is not None and step % config.image_summary_every == 0:
-            images = jax.device_get(summarize(state, batch, frozen))
-            if jax.process_index() == 0:
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            batch = sharding.host_batch_to_global(next(data_iter), mesh)
+            state, step_metrics = train_step(state, batch, frozen)
+            progress(step)
+            if step % config.log_every == 0 or step == config.total_steps:
+                last_metrics = _log(writer, step, step_metrics, timer)
+            if summarize is not None and step % config.image_summary_every == 0:
+                images = jax.device_get(summarize(state, batch, frozen))
                 writer.write_images(step, {k: np.asarray(v) for k, v in images.items()})
-        if step % config.checkpoint_every == 0 or step == config.total_steps:
-            _check_finite(step, step_metrics)
-            checkpointer.save(step, state, data_iter)
-
-    writer.flush()
-    checkpointer.close()
+            preempted = checkpointer.reached_preemption(step)
+            if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
+                _check_finite(step, step_metrics)
+                checkpointer.save(step, state, data_iter)
+            if preempted:
+                logging.warning("Preempted at step %d: checkpoint saved, stopping.", step)
+                break
+    finally:
+        # Pending asynchronous saves finish even when a step raised.
+        writer.flush()
+        checkpointer.close()
     if last_metrics is not None:
         logging.info("Finished at step %d: %s", config.total_steps, last_metrics)
     return state

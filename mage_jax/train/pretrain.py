@@ -76,9 +76,20 @@ def _schedule(config) -> optax.Schedule:
 
 
 def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.Stage:
+    """Validates, builds the stage and loads (or first trains) its frozen tokenizer."""
     # Bad input stops here, before a tokenizer is trained or anything compiled.
     validation.validate_training_config(config, workdir)
     validation.validate_batch(config, sharding.make_mesh(config.mesh, devices))
+    stage = make_stage(config)
+    stage.check()
+    stage.frozen = load_tokenizer(config, workdir, devices)
+    return stage
+
+
+def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop.Stage:
+    """The pretrain `Stage` with ``tokenizer_params`` as its frozen input (may be None or
+    abstract): no files are read, so presets can be shape-checked at their real sizes with
+    ``jax.eval_shape`` (tests/test_presets.py) without any tokenizer checkpoint."""
     size = config.data.image_size
     grid = vqgan.token_grid(config.tokenizer, size)
     codebook_size = config.tokenizer.codebook_size
@@ -148,7 +159,7 @@ def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None) -
             state["params"], batch, rng, tok_params)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics.update(loss=loss, lr=schedule(state["step"]), grad_norm=optax.global_norm(grads))
+        metrics.update(loss=loss, lr=schedule(state["step"]), grad_norm=optax.tree.norm(grads))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     def summarize(state, batch, rng, tok_params):
@@ -173,6 +184,5 @@ def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None) -
         if config.batch_size < 2 and use_c:
             raise ValueError("MAGE-C needs config.batch_size >= 2 for InfoNCE negatives.")
 
-    frozen = load_tokenizer(config, workdir, devices)
     return loop.Stage(init_state=init_state, train_step=train_step, summarize=summarize,
-                      frozen=frozen, two_views=use_c, check=check)
+                      frozen=tokenizer_params, two_views=use_c, check=check)

@@ -122,7 +122,7 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
             state["disc_params"], state["disc_opt_state"])
 
         metrics = {"loss": loss, **terms, **d_terms, "adversarial_on": adv_on,
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                      "disc_params": disc_params, "disc_opt_state": disc_opt_state}
         return new_state, metrics

@@ -1,0 +1,51 @@
+"""The smallest configs that still run every part of a stage, for end-to-end tests."""
+import importlib.util
+import pathlib
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name: str, arg: str = ""):
+    """configs/<name>.py's get_config(arg), loaded the way config_flags loads it (by path)."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def tiny_tokenizer_config(total_steps: int = 4):
+    config = load_config("tokenizer", "demo")
+    config.data.image_size = 16
+    config.data.read_threads = 1
+    config.tokenizer.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
+                            embed_dim=32, codebook_size=64)
+    config.discriminator.update(ch=8, ch_mult=(2,))
+    config.loss.update(adversarial_warmup_steps=2, r1_every=2)
+    config.batch_size = 8
+    config.total_steps = total_steps
+    config.log_every = 1
+    config.checkpoint_every = 2
+    config.image_summary_every = 2
+    config.num_image_summaries = 2
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    return config
+
+
+def tiny_pretrain_config(total_steps: int = 4, arg: str = "demo"):
+    config = load_config("pretrain", arg)
+    tokenizer = tiny_tokenizer_config()
+    config.tokenizer_stage = tokenizer
+    config.tokenizer = tokenizer.tokenizer
+    config.data.image_size = 16
+    config.data.read_threads = 1
+    config.model.update(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                        decoder_depth=1, decoder_num_heads=2, dropout_rate=0.1)
+    config.contrastive.update(proj_hidden_dim=32, proj_dim=16)
+    config.batch_size = 8
+    config.total_steps = total_steps
+    config.log_every = 1
+    config.checkpoint_every = 2
+    config.image_summary_every = 2
+    config.num_image_summaries = 2
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    return config
