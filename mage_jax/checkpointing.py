@@ -22,7 +22,8 @@ class CheckpointMismatchError(ValueError):
 
 class Checkpointer:
 
-    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -31,7 +32,8 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 enable_async_checkpointing=async_save,
-                create=True,
+                create=not read_only,
+                read_only=read_only,
             ),
         )
 
@@ -108,15 +110,17 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
 
     Returns (params, step). Reads only the ``state`` item, replicated onto the default device.
     """
-    checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+    checkpointer = Checkpointer(workdir, async_save=False, read_only=True)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(
             f"no checkpoint under {checkpointer.directory}: train that stage first (its "
             f"--workdir), or give converted official weights.")
     metadata = checkpointer._manager.item_metadata(step)["state"]
+    # Onto this host's first device: every host reads the whole tree (frozen params).
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), metadata,
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=local), metadata,
         is_leaf=lambda x: hasattr(x, "shape"))
     state = checkpointer._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]

@@ -29,9 +29,9 @@ def tokenizer_workdir(config, workdir: str) -> str:
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None):
     """Restores the frozen tokenizer, first training it where the config says so."""
     tok_dir = tokenizer_workdir(config, workdir)
-    finished = checkpointing.Checkpointer(tok_dir, keep=1, async_save=False)
-    step = finished.latest_step()
-    finished.close()
+    existing = checkpointing.Checkpointer(tok_dir, async_save=False, read_only=True)
+    step = existing.latest_step()
+    existing.close()
     if config.train_tokenizer_if_missing and (step or 0) < config.tokenizer_stage.total_steps:
         from mage_jax.train import stages
         logging.info("Training the tokenizer first, in %s.", tok_dir)

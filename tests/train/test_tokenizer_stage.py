@@ -127,3 +127,21 @@ def test_checkpoint_saved_on_1_device_restores_on_8(single):
 def test_checkpoint_saved_on_8_devices_restores_on_1(sharded):
     workdir, state = sharded[(2, 4, 1)]
     _assert_restores(workdir, state, (1, 1, 1))
+
+
+def test_perceptual_loss_from_a_weights_file_joins_the_generator_loss(tmp_path):
+    from tests.models.test_lpips import _torch_layout_state
+    weights = tmp_path / "lpips_vgg.npz"
+    np.savez(weights, **_torch_layout_state())
+    config, _ = _run(tmp_path / "run", total_steps=1,
+                     loss=dict(tiny_tokenizer_config().loss, perceptual_weights=str(weights)))
+    record = metrics.read_metrics(str(tmp_path / "run"))[-1]
+    assert record["perceptual_loss"] > 0
+    # Before the adversarial warm-up the loss is exactly the weighted sum of its terms.
+    w = config.loss
+    expected = (w.reconstruction_weight * record["reconstruction_loss"]
+                + w.codebook_weight * record["codebook_loss"]
+                + w.commitment_weight * record["commitment_loss"]
+                + w.entropy_weight * record["entropy_loss"]
+                + w.perceptual_weight * record["perceptual_loss"])
+    np.testing.assert_allclose(record["loss"], expected, rtol=1e-5)
