@@ -8,6 +8,11 @@ from __future__ import annotations
 import logging as std_logging
 import os
 
+# TensorFlow is only imported for TFDS preparation and TensorBoard writing: keep its C++
+# start-up chatter out of the run log.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -60,6 +65,28 @@ def run(config, workdir: str):
     return stages.run(config, workdir)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a clear message for an override of a key the config lacks.
+
+    ml_collections raises a bare AttributeError (a traceback) for ``--config.no_such_key=1``
+    on a locked config; this prints one line naming the override and exits with status 1.
+    """
+    try:
+        return app.parse_flags_with_usage(argv)  # prints other flag errors and exits
+    except (AttributeError, KeyError) as e:
+        detail = e
+        while isinstance(detail, (AttributeError, KeyError)) and detail.args:
+            detail = detail.args[0]  # AttributeError(KeyError("'key'\nDid you mean ...?"))
+        detail = " ".join(str(detail).split())
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        sys.stderr.write(
+            f"FATAL Flags parsing error: unknown config key {detail} (overrides given: "
+            f"{', '.join(overrides)}). The config is locked, so --config.<key>=<value> must name "
+            f"a key that the config file defines (configs/<stage>.py, or config.json in a run's "
+            f"workdir): fix the spelling or drop the override.\n")
+        sys.exit(1)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.key=value.")
@@ -72,4 +99,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
