@@ -18,7 +18,7 @@ def parse_args(arg: str | None, known: tuple[str, ...]) -> set[str]:
     if unknown:
         raise ValueError(
             f"unknown config argument(s) {sorted(unknown)}; this config accepts {list(known)} "
-            f"(comma separated), e.g. --config=configs/tokenizer.py:demo")
+            f"(comma separated), e.g. --config=configs/<stage>.py:{known[0]}")
     return presets
 
 

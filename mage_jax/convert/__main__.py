@@ -61,8 +61,24 @@ def check_against_config(params, config) -> None:
     torch_mage.check_mage_params(params, expected)
 
 
+def check_widths(state_dict, config, where: str = "the checkpoint") -> None:
+    """Embedding widths straight from the tensor shapes, before anything is split by the
+    config's head counts: a checkpoint of another size (e.g. ViT-L weights with the vit_b
+    preset) then fails naming its parameter rather than with a head-count error."""
+    for key, axis, field in (("token_emb.word_embeddings.weight", 1, "embed_dim"),
+                             ("decoder_embed.weight", 0, "decoder_embed_dim")):
+        want = int(config.model[field])
+        if key in state_dict and state_dict[key].shape[axis] != want:
+            raise ValueError(
+                f"parameter {key} of {where} has shape {tuple(state_dict[key].shape)}, i.e. "
+                f"{field}={state_dict[key].shape[axis]}, but the config has "
+                f"config.model.{field}={want}: the checkpoint is an official MAGE of another "
+                f"size. Pick its preset (vit_b: 768, vit_l: 1024) or set --config.model.{field}.")
+
+
 def convert_mage_file(path: str, config, output: str) -> dict:
     state_dict = torch_tokenizer.load_torch_state_dict(path)
+    check_widths(state_dict, config, path)
     params, sizes = torch_mage.convert_mage(
         state_dict, num_heads=config.model.num_heads,
         decoder_num_heads=config.model.decoder_num_heads,
