@@ -78,7 +78,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_train_examples = IMAGENET_TRAIN_EXAMPLES
     config.batch_size = 4096
     config.data = config_defaults.data_config("imagenet2012", image_size=256)
-    config.data.image_size = tokenizer_stage.data.get_ref("image_size")
     config.log_every = 100
     config.checkpoint_every = 2000
 
@@ -87,7 +86,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             decoder_embed_dim=1024, decoder_depth=8, decoder_num_heads=16)
     if demo:
         config.data = config_defaults.data_config("fashion_mnist", image_size=32)
-        config.data.image_size = tokenizer_stage.data.get_ref("image_size")
         config.model.update(embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128,
                             decoder_depth=2, decoder_num_heads=4, dropout_rate=0.0)
         config.contrastive.update(proj_hidden_dim=256, proj_dim=64)
@@ -99,7 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.log_every = 25
         config.checkpoint_every = 200
         config.image_summary_every = 200
-    else:
+    # When the tokenizer is trained first, it reads this config's dataset and image size and
+    # uses this config's `tokenizer` sizes (mage_jax/train/pretrain.py: tokenizer_stage_config).
+    if not demo:
         steps_per_epoch = config.num_train_examples // config.batch_size
         config.total_steps = int(config.optimizer.epochs * steps_per_epoch)
     return config

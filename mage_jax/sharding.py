@@ -109,6 +109,20 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
                         is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names, through the rules table.
+
+    A no-op outside a mesh (unit tests, notebooks). Like parameters, a dimension its mesh
+    axes do not divide (e.g. the 2025-entry vocabulary) stays unconstrained-replicated, so
+    the models annotate freely and the same code runs under any mesh.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+    return jax.lax.with_sharding_constraint(x, _fit_spec(spec, x.shape, mesh))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis over the data-parallel axes, everything else replicated."""
     return NamedSharding(mesh, P(DATA_AXES, *([None] * (ndim - 1))))

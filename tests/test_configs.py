@@ -124,9 +124,15 @@ def test_overrides_take_effect_and_follow_references():
     config.batch_size = 16
     config.optimizer.blr = 2e-4
     assert config.batch_size == 16 and config.optimizer.blr == 2e-4
-    # The MAGE image size is a reference to its tokenizer stage's: one override moves both.
-    config.tokenizer_stage.data.image_size = 48
-    assert config.data.image_size == 48
+    # A tokenizer trained first reads MAGE's dataset, image size and tokenizer sizes: one
+    # override moves both stages, while its own augmentation and schedule stay its own.
+    config.data.image_size = 48
+    config.data.data_dir = "/data/tfds"
+    config.tokenizer.codebook_size = 512
+    tok = pretrain.tokenizer_stage_config(config)
+    assert tok.data.image_size == 48 and tok.data.data_dir == "/data/tfds"
+    assert tok.tokenizer.codebook_size == 512 and tok.stage == "tokenizer"
+    assert tok.data.crop_scale == config.tokenizer_stage.data.crop_scale != config.data.crop_scale
     with pytest.raises(TypeError):
         config.batch_size = "many"
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mage_jax import sharding
 from mage_jax.models.transformer import Transformer, dense, layer_norm
 
 Dtype = Any
@@ -77,9 +78,9 @@ class TokenEmbedding(nn.Module):
         # Gather the FSDP-sharded table before the lookup (as FSDP does for any weight):
         # a lookup into an embed-sharded table yields embed-sharded rows that XLA can only
         # reshard to batch-sharded activations by replicating them.
-        table = nn.with_logical_constraint(self.word_embeddings, ("vocab", None))
+        table = sharding.constrain(self.word_embeddings, ("vocab", None))
         x = jnp.take(table, ids, axis=0) + self.position_embeddings[None]
-        x = self.norm(nn.with_logical_constraint(x.astype(self.dtype), _ACT))
+        x = self.norm(sharding.constrain(x.astype(self.dtype), _ACT))
         return self.dropout(x, deterministic=deterministic)
 
 
@@ -104,7 +105,7 @@ class MlmHead(nn.Module):
         logits = jnp.einsum("bld,vd->blv", h.astype(self.dtype), table.astype(self.dtype),
                             preferred_element_type=jnp.float32)
         logits = logits + bias.astype(jnp.float32)
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return sharding.constrain(logits, ("batch", "length", "vocab"))
 
 
 class MAGE(nn.Module):
@@ -179,7 +180,7 @@ class MAGE(nn.Module):
     def _decode(self, latent, keep_rank, pad_mask, deterministic):
         """Decoder + MLM head. ``keep_rank[b, p]``: index in ``latent`` of position p if kept;
         ``pad_mask``: positions (dropped or masked) that get the [C0] output instead."""
-        x = nn.with_logical_constraint(self.decoder_embed(latent), _ACT)
+        x = sharding.constrain(self.decoder_embed(latent), _ACT)
         c0 = x[:, :1]
         # Every dropped or masked position gets the [C0] output (official
         # pad_with_cls_token=True); kept unmasked positions get their own output.
@@ -218,7 +219,7 @@ class MAGE(nn.Module):
         # Kept positions in positional order ([C0] first): a stable sort puts False first.
         num_kept = length + 1 - num_dropped
         keep_idx = jnp.argsort(drop.astype(jnp.int8), axis=1, stable=True)[:, :num_kept]
-        x = nn.with_logical_constraint(jnp.take_along_axis(x, keep_idx[..., None], axis=1), _ACT)
+        x = sharding.constrain(jnp.take_along_axis(x, keep_idx[..., None], axis=1), _ACT)
         latent = self.norm(self.encoder(x, deterministic))
 
         keep_rank = jnp.clip(jnp.cumsum(~drop, axis=1) - 1, 0, num_kept - 1)

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mage_jax import sharding
+
 Dtype = Any
 
 _ACT = ("batch", "length", "embed")
@@ -93,13 +95,13 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
         qkv = dense((3, self.num_heads, head_dim), ("embed",), ("qkv", "heads", "kv"),
                     self.dtype, self.param_dtype, "qkv")(x)
-        qkv = nn.with_logical_constraint(qkv, ("batch", "length", "qkv", "heads", "kv"))
+        qkv = sharding.constrain(qkv, ("batch", "length", "qkv", "heads", "kv"))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
         weights = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1)
         weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        out = sharding.constrain(out, ("batch", "length", "heads", "kv"))
         return dense(width, ("heads", "kv"), ("embed",), self.dtype, self.param_dtype, "proj")(out)
 
 
@@ -114,7 +116,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         width = x.shape[-1]
         h = dense(self.hidden_dim, ("embed",), ("mlp",), self.dtype, self.param_dtype, "fc1")(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
+        h = sharding.constrain(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         h = dense(width, ("mlp",), ("embed",), self.dtype, self.param_dtype, "fc2")(h)
         return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
@@ -132,7 +134,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        x = nn.with_logical_constraint(x, _ACT)
+        x = sharding.constrain(x, _ACT)
         y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")(x)
         y = Attention(self.num_heads, self.attention_dropout_rate, self.dtype, self.param_dtype,
                       name="attn")(y, deterministic)
@@ -141,7 +143,7 @@ class Block(nn.Module):
         y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")(x)
         y = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name="mlp")(
             y, deterministic)
-        return nn.with_logical_constraint(x + y, _ACT)
+        return sharding.constrain(x + y, _ACT)
 
 
 class _ScanBlock(Block):

@@ -85,7 +85,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     mesh = sharding.make_mesh(config.mesh, devices)
     validation.validate_batch(config, mesh)
     jax.set_mesh(mesh)
-    _write_config(config, workdir)
 
     # ------------------------------------------------- abstract state, shardings
     base_rng = jax.random.key(config.seed)
@@ -97,6 +96,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     start_step = checkpointer.latest_step() or 0
     if start_step:
         checkpointer.check_compatible(start_step, abstract_state)
+    # Only now: a config that does not fit the workdir's checkpoint must not replace the
+    # config.json that says how the checkpoint was made.
+    _write_config(config, workdir)
     data_iter = pipeline.train_iterator(
         config.data, seed=config.seed, global_batch_size=config.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -160,8 +162,10 @@ def _check_finite(step: int, step_metrics) -> float:
     if not math.isfinite(loss):
         raise NonFiniteLossError(
             f"loss is {loss} at step {step}; the last finite checkpoint was kept and nothing was "
-            f"saved over it. Lower the learning rate (--config.optimizer.lr), enable gradient "
-            f"clipping, or try --config.tokenizer.dtype=float32 / --config.model.dtype=float32.")
+            f"saved over it. Lower the learning rate (--config.optimizer.lr for the tokenizer, "
+            f"--config.optimizer.blr for pretraining), clip gradients "
+            f"(--config.optimizer.grad_clip_norm), or compute in float32 "
+            f"(--config.model.dtype=float32).")
     return loss
 
 

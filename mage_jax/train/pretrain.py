@@ -35,7 +35,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None
     if config.train_tokenizer_if_missing and (step or 0) < config.tokenizer_stage.total_steps:
         from mage_jax.train import stages
         logging.info("Training the tokenizer first, in %s.", tok_dir)
-        stages.run(config.tokenizer_stage, tok_dir, devices)
+        stages.run(tokenizer_stage_config(config), tok_dir, devices)
     elif step is None:
         raise FileNotFoundError(
             f"no tokenizer checkpoint in {tok_dir}/checkpoints. Train one "
@@ -45,6 +45,22 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None
     params, _ = checkpointing.restore_params(tok_dir)
     check_tokenizer(config, params, tok_dir)
     return params
+
+
+# The dataset a tokenizer trained first shares with pretraining (augmentation is per stage).
+_SHARED_DATA_KEYS = ("name", "data_dir", "manual_dir", "fashion_mnist_dir", "train_split",
+                     "image_size")
+
+
+def tokenizer_stage_config(config) -> ml_collections.ConfigDict:
+    """``config.tokenizer_stage`` with this config's tokenizer sizes, dataset and image size,
+    so that one override (e.g. ``--config.data.data_dir``) moves both stages."""
+    tok_config = ml_collections.ConfigDict(config.tokenizer_stage.to_dict())
+    tok_config.tokenizer = ml_collections.ConfigDict(config.tokenizer.to_dict())
+    for key in _SHARED_DATA_KEYS:
+        tok_config.data[key] = config.data[key]
+    tok_config.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
+    return tok_config
 
 
 def check_tokenizer(config, params, where: str) -> None:
