@@ -13,14 +13,10 @@ def load_config(name: str, arg: str = ""):
     return module.get_config(arg)
 
 
-def tiny_tokenizer_config(total_steps: int = 4):
-    config = load_config("tokenizer", "demo")
+def _tiny_run(config, total_steps: int):
+    """Run settings both tiny configs share: batch 8 on one device, everything every step."""
     config.data.image_size = 16
     config.data.read_threads = 1
-    config.tokenizer.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
-                            embed_dim=32, codebook_size=64)
-    config.discriminator.update(ch=8, ch_mult=(2,))
-    config.loss.update(adversarial_warmup_steps=2, r1_every=2)
     config.batch_size = 8
     config.total_steps = total_steps
     config.log_every = 1
@@ -29,6 +25,15 @@ def tiny_tokenizer_config(total_steps: int = 4):
     config.num_image_summaries = 2
     config.mesh.update(data=1, fsdp=1, tensor=1)
     return config
+
+
+def tiny_tokenizer_config(total_steps: int = 4):
+    config = load_config("tokenizer", "demo")
+    config.tokenizer.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
+                            embed_dim=32, codebook_size=64)
+    config.discriminator.update(ch=8, ch_mult=(2,))
+    config.loss.update(adversarial_warmup_steps=2, r1_every=2)
+    return _tiny_run(config, total_steps)
 
 
 def tiny_pretrain_config(total_steps: int = 4, arg: str = "demo"):
@@ -36,16 +41,7 @@ def tiny_pretrain_config(total_steps: int = 4, arg: str = "demo"):
     tokenizer = tiny_tokenizer_config()
     config.tokenizer_stage = tokenizer
     config.tokenizer = tokenizer.tokenizer
-    config.data.image_size = 16
-    config.data.read_threads = 1
     config.model.update(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
                         decoder_depth=1, decoder_num_heads=2, dropout_rate=0.1)
     config.contrastive.update(proj_hidden_dim=32, proj_dim=16)
-    config.batch_size = 8
-    config.total_steps = total_steps
-    config.log_every = 1
-    config.checkpoint_every = 2
-    config.image_summary_every = 2
-    config.num_image_summaries = 2
-    config.mesh.update(data=1, fsdp=1, tensor=1)
-    return config
+    return _tiny_run(config, total_steps)
