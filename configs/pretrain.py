@@ -92,7 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.num_train_examples = FASHION_MNIST_TRAIN_EXAMPLES
         config.batch_size = 64
         # About 940 steps per epoch: warm up for 47 steps, cosine to 0 at 422.
-        config.optimizer.update(blr=1e-3, warmup_epochs=0.05, epochs=0.45)
+        # lr 1e-3 for the small ViT: the loss falls about twice as fast as at 2.5e-4.
+        config.optimizer.update(blr=4e-3, warmup_epochs=0.05, epochs=0.45)
         config.total_steps = 400
         config.log_every = 25
         config.checkpoint_every = 200
