@@ -14,6 +14,7 @@ import optax
 from absl import logging
 
 from mage_jax import checkpointing, masking, optim, sharding, validation
+from mage_jax.convert import torch_tokenizer
 from mage_jax.models import contrastive, mage, vqgan
 from mage_jax.train import loop
 
@@ -64,23 +65,14 @@ def tokenizer_stage_config(config) -> ml_collections.ConfigDict:
 
 
 def check_tokenizer(config, params, where: str) -> None:
-    """Codebook and token grid of the checkpoint must be those the config's model expects."""
-    model = vqgan.vqgan_from_config(config.tokenizer)
-    size = config.data.image_size
-    expected = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))["params"]
-    expected = jax.tree.map(lambda x: getattr(x, "value", x), expected,
-                            is_leaf=lambda x: hasattr(x, "value"))
-    got_flat = {jax.tree_util.keystr(k): v.shape
-                for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
-        name = jax.tree_util.keystr(path)
-        if got_flat.get(name) != leaf.shape:
-            raise TokenizerMismatchError(
-                f"the tokenizer in {where} has {name} of shape {got_flat.get(name)} but "
-                f"config.tokenizer ({dict(config.tokenizer)}) builds {leaf.shape}: its codebook "
-                f"or architecture differs. Set config.tokenizer to the sizes the tokenizer was "
-                f"trained with (its config.json), or point --config.tokenizer_workdir elsewhere.")
+    """Codebook and architecture of the checkpoint must be those ``config.tokenizer`` builds."""
+    try:
+        torch_tokenizer.check_tokenizer_params(params, config.tokenizer)
+    except ValueError as e:
+        raise TokenizerMismatchError(
+            f"the tokenizer in {where} does not fit config.tokenizer ({dict(config.tokenizer)}): "
+            f"{e} Set config.tokenizer to the sizes the tokenizer was trained with (its "
+            f"config.json), or point --config.tokenizer_workdir elsewhere.") from e
 
 
 def _schedule(config) -> optax.Schedule:
