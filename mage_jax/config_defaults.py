@@ -57,6 +57,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.image_summary_every = 1000  # 0 turns image summaries off
     config.num_image_summaries = 8
+    # Scored at the end of the run on the first `num_examples` images of data.eval_split
+    # (a fixed subset, so runs compare on the same images; -1: the whole split, 0: none).
+    config.eval = ml_collections.ConfigDict(dict(num_examples=10_000))
     # Mesh axis sizes; their product must equal the device count (-1: "the rest").
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.data = data_config()

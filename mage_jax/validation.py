@@ -35,8 +35,13 @@ def validate_training_config(config: ml_collections.ConfigDict, workdir: str) ->
     if config.image_summary_every < 0:
         raise ConfigError(
             f"config.image_summary_every={config.image_summary_every} must be >= 0 (0 is off).")
+    if int(config.eval.num_examples) < -1:
+        raise ConfigError(f"config.eval.num_examples={config.eval.num_examples} must be -1 (the "
+                          f"whole evaluation split), 0 (no evaluation) or a positive count.")
     validate_workdir(workdir)
     datasets.check_dataset(config.data, config.data.train_split)
+    if int(config.eval.num_examples) != 0:
+        datasets.check_dataset(config.data, config.data.eval_split)
 
 
 def validate_batch(config: ml_collections.ConfigDict, mesh) -> None:

@@ -23,6 +23,7 @@ def _tiny_run(config, total_steps: int):
     config.checkpoint_every = 2
     config.image_summary_every = 2
     config.num_image_summaries = 2
+    config.eval.num_examples = 20  # two test batches, the second one part padding
     config.mesh.update(data=1, fsdp=1, tensor=1)
     return config
 
@@ -32,7 +33,8 @@ def tiny_tokenizer_config(total_steps: int = 4):
     config.tokenizer.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
                             embed_dim=32, codebook_size=64)
     config.discriminator.update(ch=8, ch_mult=(2,))
-    config.loss.update(adversarial_warmup_steps=2, r1_every=2)
+    # The demo trains without a GAN; the tiny config keeps it on so that every part runs.
+    config.loss.update(adversarial_weight=0.1, adversarial_warmup_steps=2, r1_every=2)
     return _tiny_run(config, total_steps)
 
 

@@ -42,6 +42,9 @@ class Stage:
     train_step(state, batch, rng, frozen) -> (state, metrics); pure, jitted by the loop.
     summarize(state, batch, rng, frozen) -> {name: images NHWC in [0, 1]}; jitted.
     frozen: parameters the stage reads but never trains (tokenizer, perceptual net).
+    evaluate(state, frozen, mesh, workdir) -> (scores, images): held-out scores, logged at
+      the last step (``test_*`` keys), and image grids for TensorBoard; it may also save
+      pictures into the workdir. Run once, when the run reaches ``total_steps``.
     """
     init_state: Callable[[jax.Array], State]
     train_step: Callable[..., tuple[State, Mapping[str, jax.Array]]]
@@ -49,6 +52,7 @@ class Stage:
     frozen: Any = None
     two_views: bool = False
     check: Callable[[], None] | None = None  # stage-specific validation, before compiling
+    evaluate: Callable[..., tuple[Mapping[str, float], Mapping[str, Any]]] | None = None
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -131,12 +135,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
         num_train_steps=config.total_steps, every_steps=config.log_every, every_secs=None)
     timer = _Throughput(start_step, config.batch_size)
     last_metrics = None
+    step = start_step
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             batch = sharding.host_batch_to_global(next(data_iter), mesh)
             state, step_metrics = train_step(state, batch, frozen)
             progress(step)
-            if step % config.log_every == 0 or step == config.total_steps:
+            # The first step is logged too: the loss a run starts from.
+            if step % config.log_every == 0 or step in (1, config.total_steps):
                 last_metrics = _log(writer, step, step_metrics, timer)
             if summarize is not None and step % config.image_summary_every == 0:
                 images = jax.device_get(summarize(state, batch, frozen))
@@ -148,6 +154,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             if preempted:
                 logging.warning("Preempted at step %d: checkpoint saved, stopping.", step)
                 break
+        # ---------------------------------------------------------------- evaluate
+        if (stage.evaluate is not None and int(config.eval.num_examples) != 0
+                and step == config.total_steps > start_step):
+            scores, images = stage.evaluate(state, frozen, mesh, workdir)
+            writer.write_scalars(step, scores)
+            writer.write_images(step, {k: np.asarray(v) for k, v in images.items()})
+            last_metrics = dict(last_metrics or {}, **scores)
     finally:
         # Pending asynchronous saves finish even when a step raised.
         writer.flush()

@@ -5,18 +5,20 @@ as the official code does); its parameters are a frozen input of the step, never
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
 from mage_jax import checkpointing, masking, optim, sharding, validation
 from mage_jax.convert import torch_tokenizer
 from mage_jax.models import contrastive, mage, vqgan
-from mage_jax.train import loop
+from mage_jax.train import evaluation, loop, report
 
 
 class TokenizerMismatchError(ValueError):
@@ -36,7 +38,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None
     if config.train_tokenizer_if_missing and (step or 0) < config.tokenizer_stage.total_steps:
         from mage_jax.train import stages
         logging.info("Training the tokenizer first, in %s.", tok_dir)
-        stages.run(tokenizer_stage_config(config), tok_dir, devices)
+        stages.run(tokenizer_stage_config(config), tok_dir, devices, summarize=False)
     elif step is None:
         raise FileNotFoundError(
             f"no tokenizer checkpoint in {tok_dir}/checkpoints. Train one "
@@ -170,27 +172,80 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
         metrics.update(loss=loss, lr=schedule(state["step"]), grad_norm=optax.tree.norm(grads))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-    def summarize(state, batch, rng, tok_params):
-        """Masked input | one-step prediction | original, decoded by the tokenizer."""
-        images = batch["image"][: config.num_image_summaries]
+    def decode(tok_params, ids):
+        return jnp.clip(tok_model.apply({"params": tok_params}, ids, method=tok_model.decode),
+                        0.0, 1.0)
+
+    def one_step_prediction(mage_params, tok_params, images, rng):
+        """(tokens, masks, predicted tokens): one decoder pass fills every masked position."""
         tokens = tokenize(tok_params, images)
         _, drop, masked = masks_for(rng, tokens.shape[0])
-        logits = model.apply({"params": state["params"]["mage"]}, tokens, drop, masked,
+        logits = model.apply({"params": mage_params}, tokens, drop, masked,
                              train=False)["logits"]
         predicted = jnp.argmax(logits[:, 1:, :codebook_size], axis=-1)
-        predicted = jnp.where(masked[:, 1:], predicted, tokens)
-        decode = lambda ids: jnp.clip(
-            tok_model.apply({"params": tok_params}, ids, method=tok_model.decode), 0.0, 1.0)
+        return tokens, drop, masked, logits, jnp.where(masked[:, 1:], predicted, tokens)
+
+    def prediction_grid(images, masked, predicted, tok_params):
+        """Masked input | one-step prediction | original, decoded by the tokenizer."""
         patch = size // grid
         pixel_mask = jnp.repeat(jnp.repeat(masked[:, 1:].reshape(-1, grid, grid), patch, 1),
                                 patch, 2)[..., None]
         masked_input = jnp.where(pixel_mask, 0.5, images)
-        return {"masked_prediction_original": jnp.concatenate(
-            [masked_input, decode(predicted), images], axis=2)}
+        return jnp.concatenate([masked_input, decode(tok_params, predicted), images], axis=2)
+
+    def summarize(state, batch, rng, tok_params):
+        images = batch["image"][: config.num_image_summaries]
+        _, _, masked, _, predicted = one_step_prediction(state["params"]["mage"], tok_params,
+                                                         images, rng)
+        return {"masked_prediction_original": prediction_grid(images, masked, predicted,
+                                                              tok_params)}
+
+    def evaluate(state, tok_params, mesh, workdir):
+        """Masked-token loss and accuracy on held-out images (masks drawn as in training,
+        from a fixed key), beside the frequency of the most common masked token (what a
+        model that ignores the image would score); reconstructions.png, predictions.png."""
+        n = config.num_image_summaries
+
+        @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+        def score(params, batch, rng):
+            images, keep = batch["image"], batch["mask"]
+            tokens, _, masked, logits, predicted = one_step_prediction(
+                params["mage"], tok_params, images, rng)
+            weight = masked[:, 1:] & keep[:, None]
+            logp = jax.nn.log_softmax(logits[:, 1:, :codebook_size].astype(jnp.float32))
+            nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+            correct = predicted == tokens
+            counts = jnp.zeros(codebook_size, jnp.int32).at[tokens.ravel()].add(
+                weight.ravel().astype(jnp.int32))
+            sums = {"masked": jnp.sum(weight), "correct": jnp.sum(correct & weight),
+                    "nll": jnp.sum(jnp.where(weight, nll, 0.0))}
+            shown = (images[:n], decode(tok_params, tokens[:n]),
+                     prediction_grid(images[:n], masked[:n], predicted[:n], tok_params))
+            return sums, counts, shown
+
+        totals, counts, shown = {}, np.zeros(codebook_size, np.int64), None
+        eval_rng = jax.random.key(config.seed + 1)
+        for i, batch in enumerate(evaluation.test_batches(config, mesh)):
+            sums, batch_counts, images = jax.device_get(
+                score(state["params"], batch, jax.random.fold_in(eval_rng, i)))
+            totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+            counts += batch_counts
+            shown = images if shown is None else shown
+        masked_tokens = max(totals["masked"], 1.0)
+        scores = {"test_masked_accuracy": totals["correct"] / masked_tokens,
+                  "test_nll": totals["nll"] / masked_tokens,
+                  "test_most_common_token_rate": float(counts.max()) / masked_tokens}
+        originals, reconstructions, grid_images = shown
+        evaluation.save_image_grid(os.path.join(workdir, report.RECONSTRUCTIONS_PNG),
+                                   [originals, reconstructions])
+        evaluation.save_image_grid(os.path.join(workdir, report.PREDICTIONS_PNG), [grid_images])
+        return scores, {"test_masked_prediction_original": grid_images,
+                        "test_inputs_and_reconstructions": np.concatenate(
+                            [originals, reconstructions], axis=2)}
 
     def check():
         if config.batch_size < 2 and use_c:
             raise ValueError("MAGE-C needs config.batch_size >= 2 for InfoNCE negatives.")
 
     return loop.Stage(init_state=init_state, train_step=train_step, summarize=summarize,
-                      frozen=tokenizer_params, two_views=use_c, check=check)
+                      frozen=tokenizer_params, two_views=use_c, check=check, evaluate=evaluate)

@@ -1,7 +1,10 @@
 """Which stage a config runs: ``config.stage`` -> a function building its `loop.Stage`."""
 from __future__ import annotations
 
+import time
+
 import ml_collections
+from absl import logging
 
 
 def _tokenizer(config, workdir, devices):
@@ -17,12 +20,23 @@ def _pretrain(config, workdir, devices):
 STAGES = {"tokenizer": _tokenizer, "pretrain": _pretrain}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, devices=None):
-    """Trains the stage ``config.stage`` names in ``workdir`` on ``devices`` (default: all)."""
-    from mage_jax.train import loop
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None, summarize=True):
+    """Trains the stage ``config.stage`` names in ``workdir`` on ``devices`` (default: all),
+    then logs a short summary (scores, pictures, next commands; train/report.py)."""
+    from mage_jax.train import loop, report
+    started = time.perf_counter()
     if config.get("stage") not in STAGES:
         raise ValueError(
             f"config.stage={config.get('stage')!r} is not a training stage; expected one of "
             f"{sorted(STAGES)} (configs/<stage>.py sets it).")
     stage = STAGES[config.stage](config, workdir, devices)
-    return loop.train_and_evaluate(config, workdir, stage, devices)
+    state = loop.train_and_evaluate(config, workdir, stage, devices)
+    if not summarize:
+        return state
+    tokenizer_workdir = None
+    if config.stage == "pretrain":
+        from mage_jax.train import pretrain
+        tokenizer_workdir = pretrain.tokenizer_workdir(config, workdir)
+    logging.info("\n%s", report.summary(config, workdir, tokenizer_workdir,
+                                        seconds=time.perf_counter() - started))
+    return state

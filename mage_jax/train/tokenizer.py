@@ -8,16 +8,18 @@ also only after the warm-up. Both use Adam (betas (0, 0.99)).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from mage_jax import optim, tokenizer_losses
+from mage_jax import optim, sharding, tokenizer_losses
 from mage_jax.models import discriminator as disc_lib
 from mage_jax.models import lpips, vqgan
-from mage_jax.train import loop
+from mage_jax.train import evaluation, loop, report
 
 
 def build_models(config: ml_collections.ConfigDict):
@@ -38,6 +40,9 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     tx, disc_tx = _optimizer(config), _optimizer(config)
     size = config.data.image_size
     loss_cfg = config.loss
+    # With adversarial_weight 0 (the demo) the discriminator is never run: a GAN phase is
+    # for perceptual sharpness at scale, and it costs most of a step (docs/demo.md).
+    use_gan = loss_cfg.adversarial_weight > 0
 
     def check():
         vqgan.token_grid(config.tokenizer, size)  # raises if size does not fit the factor
@@ -73,13 +78,14 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         if frozen is not None:
             terms["perceptual_loss"] = lpips.perceptual_loss(frozen, recon, images)
             loss += loss_cfg.perceptual_weight * terms["perceptual_loss"]
-        # lax.cond: before the warm-up ends the discriminator is not even run.
-        terms["generator_adversarial_loss"] = jax.lax.cond(
-            adv_on > 0,
-            lambda: tokenizer_losses.generator_adversarial_loss(
-                disc.apply({"params": disc_params}, recon)),
-            lambda: jnp.zeros((), jnp.float32))
-        loss += adv_on * loss_cfg.adversarial_weight * terms["generator_adversarial_loss"]
+        if use_gan:
+            # lax.cond: before the warm-up ends the discriminator is not even run.
+            terms["generator_adversarial_loss"] = jax.lax.cond(
+                adv_on > 0,
+                lambda: tokenizer_losses.generator_adversarial_loss(
+                    disc.apply({"params": disc_params}, recon)),
+                lambda: jnp.zeros((), jnp.float32))
+            loss += adv_on * loss_cfg.adversarial_weight * terms["generator_adversarial_loss"]
         terms.update(codebook_usage=aux["codebook_usage"], perplexity=aux["perplexity"],
                      psnr=_psnr(recon, images))
         return loss, (terms, recon)
@@ -105,6 +111,10 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
             state["params"], state["disc_params"], images, adv_on, frozen)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
+        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        if not use_gan:  # The discriminator stays as initialised and costs nothing.
+            return new_state, metrics
 
         (_, d_terms), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(
             state["disc_params"], images, recon, state["step"])
@@ -120,10 +130,8 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         disc_opt_state = jax.tree.map(keep, new_disc_opt_state, state["disc_opt_state"])
         d_terms = jax.tree.map(lambda v: v * adv_on, d_terms)
 
-        metrics = {"loss": loss, **terms, **d_terms, "adversarial_on": adv_on,
-                   "grad_norm": optax.tree.norm(grads)}
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                     "disc_params": disc_params, "disc_opt_state": disc_opt_state}
+        metrics.update(d_terms, adversarial_on=adv_on)
+        new_state.update(disc_params=disc_params, disc_opt_state=disc_opt_state)
         return new_state, metrics
 
     def summarize(state, batch, rng, frozen):
@@ -133,11 +141,45 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         return {"inputs_and_reconstructions": jnp.concatenate(
             [images, jnp.clip(recon, 0.0, 1.0)], axis=2)}
 
+    def evaluate(state, frozen, mesh, workdir):
+        """PSNR and codebook use on held-out images; reconstructions.png in the workdir."""
+        del frozen
+
+        @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+        def reconstruct(params, batch):  # Replicated outputs: every host reads them.
+            recon, aux = model.apply({"params": params}, batch["image"])
+            recon = jnp.clip(recon, 0.0, 1.0)
+            n = config.num_image_summaries  # Only the shown images are gathered.
+            return (_psnr_per_image(recon, batch["image"]), aux["token_ids"], batch["mask"],
+                    batch["image"][:n], recon[:n])
+
+        psnr, counts, shown = [], np.zeros(config.tokenizer.codebook_size, np.int64), None
+        for batch in evaluation.test_batches(config, mesh):
+            image_psnr, ids, keep, images, recon = jax.device_get(
+                reconstruct(state["params"], batch))
+            psnr.append(image_psnr[keep])
+            counts += np.bincount(ids[keep].ravel(), minlength=counts.size)
+            if shown is None:
+                shown = [images, recon]
+        frequencies = counts[counts > 0] / counts.sum()
+        scores = {"test_psnr": float(np.mean(np.concatenate(psnr))),
+                  "test_codes_used": float(np.count_nonzero(counts)),
+                  "test_perplexity": float(np.exp(-np.sum(frequencies * np.log(frequencies)))),
+                  "test_examples": float(sum(len(p) for p in psnr))}
+        evaluation.save_image_grid(os.path.join(workdir, report.RECONSTRUCTIONS_PNG), shown)
+        return scores, {"test_inputs_and_reconstructions": np.concatenate(shown, axis=2)}
+
     return loop.Stage(init_state=init_state, train_step=train_step, summarize=summarize,
-                      frozen=perceptual_params, check=check)
+                      frozen=perceptual_params, check=check, evaluate=evaluate)
+
+
+
+def _psnr_per_image(x, y):
+    """PSNR in dB of each image in [0, 1] (x is clipped to [0, 1] first)."""
+    mse = jnp.mean(jnp.square(jnp.clip(x, 0.0, 1.0) - y), axis=(1, 2, 3))
+    return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
 def _psnr(x, y):
     """PSNR in dB of images in [0, 1], averaged over the batch."""
-    mse = jnp.mean(jnp.square(jnp.clip(x, 0.0, 1.0) - y), axis=(1, 2, 3))
-    return jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)))
+    return jnp.mean(_psnr_per_image(x, y))

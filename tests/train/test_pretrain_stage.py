@@ -96,3 +96,59 @@ def test_contrastive_bf16_remat_scan_and_tokenizer_first(tmp_path):
     # bf16 compute keeps float32 parameters and optimizer state.
     assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
     assert "projection" in state["params"]
+
+
+def test_end_of_run_scores_and_pictures(single, tokenizer_dir):
+    from PIL import Image
+    workdir, _, records = single
+    config = _config(tokenizer_dir)
+    last = records[-1]
+    assert last["step"] == STEPS
+    assert 0 <= last["test_masked_accuracy"] <= 1 and np.isfinite(last["test_nll"])
+    # A codebook of 64: the most common masked token is at least 1/64 of the masked ones.
+    assert 1 / 64 <= last["test_most_common_token_rate"] <= 1
+    size, rows = config.data.image_size, config.num_image_summaries
+    for name, columns in (("reconstructions.png", 2), ("predictions.png", 3)):
+        with Image.open(os.path.join(workdir, name)) as png:
+            assert png.size == (columns * size * 4, rows * size * 4), name
+
+
+def test_summary_reports_tokenizer_mage_and_pictures(single, tokenizer_dir):
+    from mage_jax.train import report
+    workdir, _, records = single
+    config = _config(tokenizer_dir)
+    text = report.summary(config, str(workdir), tokenizer_dir, seconds=60.0)
+    tok_record = metrics.read_metrics(tokenizer_dir)[-1]
+    assert f"test PSNR {tok_record['test_psnr']:.2f} dB" in text
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert f"loss {first:.3f} -> {last:.3f} ({100 * (last - first) / first:+.0f}%" in text
+    assert f"test masked-token accuracy {100 * records[-1]['test_masked_accuracy']:.1f}%" in text
+    for name in ("reconstructions.png", "predictions.png"):
+        assert os.path.join(str(workdir), name) in text
+    assert f"tensorboard --logdir {workdir}" in text
+
+
+def test_demo_command_logs_the_summary(tokenizer_dir, tmp_path):
+    """The README's command line, end to end at tiny size: the summary reaches the log."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    overrides = {"model.embed_dim": 32, "model.depth": 1, "model.num_heads": 2,
+                 "model.decoder_embed_dim": 32, "model.decoder_depth": 1,
+                 "model.decoder_num_heads": 2, "data.image_size": 16, "batch_size": 8,
+                 "total_steps": 2, "log_every": 1, "eval.num_examples": 8,
+                 "tokenizer_workdir": tokenizer_dir, "train_tokenizer_if_missing": False,
+                 "mesh.data": 1}
+    tok = tiny_tokenizer_config().tokenizer
+    overrides.update({f"tokenizer.{k}": v for k, v in tok.items() if k != "ch_mult"})
+    args = [f"--config.{k}={v}" for k, v in overrides.items()]
+    args.append("--config.tokenizer.ch_mult=" + ",".join(str(c) for c in tok.ch_mult))
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+    result = subprocess.run(
+        [sys.executable, "-m", "mage_jax.main", "--config=configs/pretrain.py:demo",
+         f"--workdir={tmp_path}", *args], cwd=repo, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    assert "Run summary" in log and "test PSNR" in log and "test masked-token accuracy" in log
+    assert os.path.join(str(tmp_path), "predictions.png") in log

@@ -145,3 +145,64 @@ def test_perceptual_loss_from_a_weights_file_joins_the_generator_loss(tmp_path):
                 + w.entropy_weight * record["entropy_loss"]
                 + w.perceptual_weight * record["perceptual_loss"])
     np.testing.assert_allclose(record["loss"], expected, rtol=1e-5)
+
+
+def _first_test_images(config, count):
+    """The evaluation view of the first ``count`` test images, computed independently."""
+    from mage_jax.data import augment, datasets
+    source = datasets.open_source(config.data, config.data.eval_split)
+    return np.stack([augment.resize_center_crop(source[i]["image"], config.data.image_size)
+                     for i in range(count)])
+
+
+def test_end_of_run_scores_the_fixed_test_subset(single):
+    """test_psnr is the mean per-image PSNR of the first eval.num_examples test images
+    (padding of the last batch excluded), recomputed here from the final parameters."""
+    workdir, config, state = single
+    record = metrics.read_metrics(str(workdir))[-1]
+    assert record["step"] == STEPS and record["test_examples"] == config.eval.num_examples
+    images = _first_test_images(config, config.eval.num_examples)
+    model, _ = tokenizer.build_models(config)
+    recon, aux = model.apply({"params": state["params"]}, images)
+    mse = np.mean((np.clip(np.asarray(recon), 0, 1) - images) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(record["test_psnr"], np.mean(-10 * np.log10(mse)), rtol=1e-4)
+    ids = np.asarray(aux["token_ids"]).ravel()
+    assert record["test_codes_used"] == len(np.unique(ids))
+    assert 1 <= record["test_perplexity"] <= record["test_codes_used"]
+
+
+def test_reconstructions_png_holds_test_images_beside_reconstructions(single):
+    from PIL import Image
+    workdir, config, _ = single
+    size, rows = config.data.image_size, config.num_image_summaries
+    with Image.open(os.path.join(workdir, "reconstructions.png")) as png:
+        pixels = np.asarray(png.convert("RGB"), np.float32) / 255
+    assert pixels.shape == (rows * size * 4, 2 * size * 4, 3)  # enlarged 4x for viewing
+    # The left column is the test images themselves (nearest-neighbour enlarged).
+    first = _first_test_images(config, rows)
+    left = pixels[::4, : size * 4 : 4].reshape(rows, size, size, 3)
+    np.testing.assert_allclose(left, first, atol=1 / 255 + 1e-6)
+
+
+def test_summary_names_psnr_codebook_and_pictures(single):
+    from mage_jax.train import report
+    workdir, config, _ = single
+    text = report.summary(config, str(workdir), seconds=12.0)
+    record = metrics.read_metrics(str(workdir))[-1]
+    assert f"test PSNR {record['test_psnr']:.2f} dB" in text
+    assert f"{int(record['test_codes_used'])} of {config.tokenizer.codebook_size} codes" in text
+    assert os.path.join(str(workdir), "reconstructions.png") in text
+    assert f"tensorboard --logdir {workdir}" in text
+    assert f"--config.tokenizer_workdir={workdir}" in text
+
+
+def test_without_adversarial_weight_the_discriminator_never_runs(tmp_path):
+    loss = dict(tiny_tokenizer_config().loss, adversarial_weight=0.0)
+    config, state = _run(tmp_path, total_steps=STEPS, loss=loss)
+    records = metrics.read_metrics(str(tmp_path))
+    assert not any("discriminator_loss" in r for r in records)
+    # Its parameters and optimizer state stay as initialised (kept for checkpoint layout).
+    init = jax.device_get(loop.nn.unbox(tokenizer.build_stage(config).init_state(
+        jax.random.split(jax.random.key(config.seed), 3)[0])))
+    for a, b in zip(jax.tree.leaves(state["disc_params"]), jax.tree.leaves(init["disc_params"])):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,77 @@
+"""The few lines a run ends with: what it reached, where its pictures are, what to try next.
+
+Read from the run's own metrics.jsonl (and the tokenizer run's, for pretraining), so the
+summary says what the files say, also for a run that was interrupted and resumed.
+"""
+from __future__ import annotations
+
+import os
+
+from mage_jax import metrics as metrics_lib
+
+RECONSTRUCTIONS_PNG = "reconstructions.png"  # test image | tokenizer reconstruction
+PREDICTIONS_PNG = "predictions.png"  # masked input | one-step MAGE prediction | original
+
+
+def _records(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    return metrics_lib.read_metrics(workdir) if os.path.exists(path) else []
+
+
+def _last(records: list[dict], key: str):
+    values = [r[key] for r in records if key in r]
+    return values[-1] if values else None
+
+
+def _tokenizer_line(workdir: str, codebook_size: int) -> str | None:
+    records = _records(workdir)
+    psnr = _last(records, "test_psnr")
+    if psnr is None:
+        return None
+    return (f"tokenizer  test PSNR {psnr:.2f} dB on {int(_last(records, 'test_examples'))} "
+            f"test images, {int(_last(records, 'test_codes_used'))} of {codebook_size} codes "
+            f"in use ({workdir})")
+
+
+def _pretrain_line(records: list[dict]) -> str | None:
+    losses = [r["loss"] for r in records if "loss" in r]
+    if not losses:
+        return None
+    line = (f"MAGE       loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+            f"({100 * (losses[-1] - losses[0]) / losses[0]:+.0f}% from the first logged value)")
+    accuracy = _last(records, "test_masked_accuracy")
+    if accuracy is not None:
+        line += (f"; test masked-token accuracy {100 * accuracy:.1f}% (the most common token "
+                 f"alone: {100 * _last(records, 'test_most_common_token_rate'):.1f}%)")
+    return line
+
+
+def summary(config, workdir: str, tokenizer_workdir: str | None = None,
+            seconds: float | None = None) -> str:
+    """A short text: scores, pictures, TensorBoard, next commands (``config.stage`` picks)."""
+    records = _records(workdir)
+    step = records[-1]["step"] if records else 0
+    took = "" if seconds is None else f", {seconds / 60:.1f} min"
+    lines = [f"Run summary: {workdir} (step {step} of {config.total_steps}{took})"]
+    codebook_size = config.tokenizer.codebook_size
+    preset = "demo" if config.data.name == "fashion_mnist" else "vit_b"
+    if config.stage == "tokenizer":
+        lines.append(_tokenizer_line(workdir, codebook_size) or "tokenizer  not evaluated yet")
+        pictures = [RECONSTRUCTIONS_PNG]
+        nxt = [f"python -m mage_jax.main --config=configs/pretrain.py:{preset} "
+               f"--workdir={workdir}_mage --config.tokenizer_workdir={workdir}   (MAGE on it)"]
+    else:
+        if tokenizer_workdir:
+            lines.append(_tokenizer_line(tokenizer_workdir, codebook_size)
+                         or f"tokenizer  {tokenizer_workdir}")
+        lines.append(_pretrain_line(records) or "MAGE       no logged step yet")
+        pictures = [RECONSTRUCTIONS_PNG, PREDICTIONS_PNG]
+        nxt = [f"python -m mage_jax.main --config=configs/pretrain.py:{preset},contrastive "
+               f"--workdir={workdir}_contrastive --config.tokenizer_workdir="
+               f"{tokenizer_workdir or os.path.join(workdir, 'tokenizer')}   (MAGE-C)"]
+    found = [os.path.join(workdir, p) for p in pictures
+             if os.path.exists(os.path.join(workdir, p))]
+    lines.append("pictures   " + (", ".join(found) or "none yet (written when the run ends)"))
+    lines.append(f"TensorBoard: tensorboard --logdir {workdir}")
+    lines += ["next: " + n for n in nxt]
+    return "\n".join(lines)
