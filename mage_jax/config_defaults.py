@@ -36,6 +36,10 @@ def data_config(name: str = "imagenet2012", image_size: int = 256) -> ml_collect
         crop_scale=(0.2, 1.0),
         crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
         hflip=True,
+        # Evaluation view: resize to image_size / eval_crop_fraction, then a central crop
+        # (MAGE: 256 / 292 at 256 px).
+        eval_crop_fraction=0.875,
+        eval_interpolation="bicubic",
         # MAGE-C views add colour jitter and random grayscale (MoCo v3 style).
         color_jitter=0.4,
         color_jitter_prob=0.8,

@@ -129,10 +129,11 @@ def test_overrides_take_effect_and_follow_references():
     config.data.image_size = 48
     config.data.data_dir = "/data/tfds"
     config.tokenizer.codebook_size = 512
+    config.data.crop_scale = (0.5, 1.0)
     tok = pretrain.tokenizer_stage_config(config)
     assert tok.data.image_size == 48 and tok.data.data_dir == "/data/tfds"
     assert tok.tokenizer.codebook_size == 512 and tok.stage == "tokenizer"
-    assert tok.data.crop_scale == config.tokenizer_stage.data.crop_scale != config.data.crop_scale
+    assert tok.data.crop_scale == config.tokenizer_stage.data.crop_scale == (1.0, 1.0)
     with pytest.raises(TypeError):
         config.batch_size = "many"
 
@@ -252,3 +253,23 @@ def test_command_line_override_reaches_the_run_and_its_config_json(random_tokeni
     assert [r["step"] for r in metrics.read_metrics(str(workdir))] == [1]
     params, step = checkpointing.restore_params(str(workdir))
     assert step == 1 and sorted(params["mage"]["encoder"]) == ["block_0", "block_1"]
+
+
+def test_tokenizer_schedules_constant_and_cosine():
+    from mage_jax.train import tokenizer as tokenizer_stage
+    paper = load_config("tokenizer", "paper").optimizer
+    constant = tokenizer_stage._schedule(paper)  # MaskGIT: warm-up, then constant
+    assert float(constant(paper.warmup_steps // 2)) == pytest.approx(paper.lr / 2, rel=1e-3)
+    assert float(constant(10 ** 6)) == pytest.approx(paper.lr)
+    demo = load_config("tokenizer", "demo")
+    cosine = tokenizer_stage._schedule(demo.optimizer)
+    assert demo.optimizer.decay_steps == demo.total_steps  # follows --config.total_steps
+    half = (demo.optimizer.warmup_steps + demo.total_steps) / 2
+    assert float(cosine(int(half))) == pytest.approx(demo.optimizer.lr / 2, rel=1e-2)
+    assert float(cosine(demo.total_steps)) == pytest.approx(0.0, abs=1e-9)
+    bad = ml_collections.ConfigDict(dict(demo.optimizer.to_dict(), schedule="linear"))
+    with pytest.raises(ValueError, match="schedule='linear'"):
+        tokenizer_stage._schedule(bad)
+    short = ml_collections.ConfigDict(dict(demo.optimizer.to_dict(), decay_steps=5))
+    with pytest.raises(ValueError, match="decay_steps=5"):
+        tokenizer_stage._schedule(short)

@@ -175,12 +175,14 @@ def train_iterator(data_cfg, *, seed: int, global_batch_size: int, process_index
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _eval_example(index: int, *, source, size: int, crop_fraction: float) -> dict:
+def _eval_example(index: int, *, source, size: int, crop_fraction: float,
+                  interpolation: str) -> dict:
     if index >= len(source):  # Padding up to whole global batches: masked out downstream.
         return {"image": np.zeros((size, size, 3), np.float32), "label": np.int32(0),
                 "mask": np.bool_(False)}
     example = source[index]
-    image = augment.resize_center_crop(example["image"], size, crop_fraction=crop_fraction)
+    image = augment.resize_center_crop(example["image"], size, crop_fraction=crop_fraction,
+                                       interpolation=interpolation)
     return {"image": image, "label": _label(example), "mask": np.bool_(True)}
 
 
@@ -192,7 +194,8 @@ def eval_dataset_from_source(source, data_cfg, *, batch_size: int, process_index
     num_batches = math.ceil(len(source) / batch_size)  # The same number on every host.
     ds = grain.MapDataset.range(num_batches * batch_size).map(functools.partial(
         _eval_example, source=source, size=int(data_cfg.image_size),
-        crop_fraction=float(data_cfg.get("eval_crop_fraction", 0.875))))
+        crop_fraction=float(data_cfg.get("eval_crop_fraction", 0.875)),
+        interpolation=data_cfg.get("eval_interpolation", "bicubic")))
     ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
     return ds.to_iter_dataset(_read_options(data_cfg))
 

@@ -52,6 +52,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None
 
 # The dataset a tokenizer trained first shares with pretraining (augmentation is per stage).
 _SHARED_DATA_KEYS = ("name", "data_dir", "manual_dir", "fashion_mnist_dir", "train_split",
+                     "eval_split", "eval_crop_fraction", "eval_interpolation",
                      "image_size")
 
 

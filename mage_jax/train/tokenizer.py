@@ -29,9 +29,22 @@ def build_models(config: ml_collections.ConfigDict):
     return model, disc
 
 
+def _schedule(opt) -> optax.Schedule:
+    if opt.schedule == "constant":
+        return optim.warmup_constant(opt.lr, opt.warmup_steps)
+    if opt.schedule == "cosine":
+        if opt.decay_steps <= opt.warmup_steps:
+            raise ValueError(f"config.optimizer.decay_steps={opt.decay_steps} must exceed "
+                             f"warmup_steps={opt.warmup_steps} for the cosine schedule; set it "
+                             f"to the run's length, e.g. --config.optimizer.decay_steps=10000.")
+        return optim.warmup_cosine(opt.lr, opt.warmup_steps, opt.decay_steps)
+    raise ValueError(f"config.optimizer.schedule={opt.schedule!r} is not one of 'constant' "
+                     f"(MaskGIT) or 'cosine' (to 0 at config.optimizer.decay_steps).")
+
+
 def _optimizer(config) -> optax.GradientTransformation:
     opt = config.optimizer
-    return optim.adamw(optim.warmup_constant(opt.lr, opt.warmup_steps), b1=opt.b1, b2=opt.b2,
+    return optim.adamw(_schedule(opt), b1=opt.b1, b2=opt.b2,
                        weight_decay=opt.weight_decay, grad_clip_norm=opt.grad_clip_norm)
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -151,7 +152,9 @@ def _first_test_images(config, count):
     """The evaluation view of the first ``count`` test images, computed independently."""
     from mage_jax.data import augment, datasets
     source = datasets.open_source(config.data, config.data.eval_split)
-    return np.stack([augment.resize_center_crop(source[i]["image"], config.data.image_size)
+    return np.stack([augment.resize_center_crop(source[i]["image"], config.data.image_size,
+                                                config.data.eval_crop_fraction,
+                                                config.data.eval_interpolation)
                      for i in range(count)])
 
 
@@ -202,7 +205,7 @@ def test_without_adversarial_weight_the_discriminator_never_runs(tmp_path):
     records = metrics.read_metrics(str(tmp_path))
     assert not any("discriminator_loss" in r for r in records)
     # Its parameters and optimizer state stay as initialised (kept for checkpoint layout).
-    init = jax.device_get(loop.nn.unbox(tokenizer.build_stage(config).init_state(
+    init = jax.device_get(nn.unbox(tokenizer.build_stage(config).init_state(
         jax.random.split(jax.random.key(config.seed), 3)[0])))
     for a, b in zip(jax.tree.leaves(state["disc_params"]), jax.tree.leaves(init["disc_params"])):
         np.testing.assert_array_equal(a, b)
