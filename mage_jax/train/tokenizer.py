@@ -33,10 +33,6 @@ def _schedule(opt) -> optax.Schedule:
     if opt.schedule == "constant":
         return optim.warmup_constant(opt.lr, opt.warmup_steps)
     if opt.schedule == "cosine":
-        if opt.decay_steps <= opt.warmup_steps:
-            raise ValueError(f"config.optimizer.decay_steps={opt.decay_steps} must exceed "
-                             f"warmup_steps={opt.warmup_steps} for the cosine schedule; set it "
-                             f"to the run's length, e.g. --config.optimizer.decay_steps=10000.")
         return optim.warmup_cosine(opt.lr, opt.warmup_steps, opt.decay_steps)
     raise ValueError(f"config.optimizer.schedule={opt.schedule!r} is not one of 'constant' "
                      f"(MaskGIT) or 'cosine' (to 0 at config.optimizer.decay_steps).")
