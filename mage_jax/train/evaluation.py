@@ -1,4 +1,4 @@
-"""End-of-run evaluation on held-out images: the batches, the PNG grids, the common keys.
+"""End-of-run evaluation on held-out images: the batches and the PNG grids.
 
 A stage's ``evaluate`` (loop.Stage) runs once the last step is reached: it reads the first
 ``config.eval.num_examples`` images of the evaluation split (a fixed subset, so two runs
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from mage_jax import sharding
-from mage_jax.data import pipeline
+from mage_jax.data import datasets, pipeline
 
 
 def num_examples(config, split_size: int) -> int:
@@ -33,7 +33,7 @@ def test_batches(config, mesh) -> Iterator[dict]:
     dataset = pipeline.eval_dataset(config.data, batch_size=config.batch_size,
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
-    source_size = len(pipeline.datasets.open_source(config.data, config.data.eval_split))
+    source_size = len(datasets.open_source(config.data, config.data.eval_split))
     count = num_examples(config, source_size)
     host_batch = pipeline.host_batch_size(config.batch_size, jax.process_count())
     for i, batch in enumerate(dataset):

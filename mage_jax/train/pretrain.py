@@ -178,7 +178,8 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
                         0.0, 1.0)
 
     def one_step_prediction(mage_params, tok_params, images, rng):
-        """(tokens, masks, predicted tokens): one decoder pass fills every masked position."""
+        """(tokens, drop, masked, logits, prediction): one decoder pass fills every masked
+        position of ``prediction``; the other positions keep their tokens."""
         tokens = tokenize(tok_params, images)
         _, drop, masked = masks_for(rng, tokens.shape[0])
         logits = model.apply({"params": mage_params}, tokens, drop, masked,
