@@ -70,12 +70,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "demo" in presets:
         # Fashion-MNIST at 32 px into 8x8 tokens, for a few minutes on 2 CPU cores. Each
         # choice was measured on the test split (docs/demo.md): 8-dimensional codes (all 256
-        # in use; 32-dimensional ones left a third idle), widths (1, 1, 2) (the cost of a
+        # in use; 32-dimensional ones left up to half idle), widths (1, 1, 2) (the cost of a
         # step is in the full-resolution convolutions), no entropy term (Fashion-MNIST is
         # mostly black background: spreading it evenly over the codebook wastes codes on
         # it), no GAN (it sharpens textures over many thousands of steps; in minutes it
-        # costs half of every step), and Adam with momentum on a cosine schedule.
-        # Fashion-MNIST frames each garment whole: train and score on the whole image.
+        # costs half of every step), Adam with momentum on a cosine schedule, and whole
+        # images for training and scoring (Fashion-MNIST frames each garment whole).
         config.data = config_defaults.data_config("fashion_mnist", image_size=32)
         config.data.crop_scale = (1.0, 1.0)
         config.data.eval_crop_fraction = 1.0

@@ -23,7 +23,7 @@ def _tiny_run(config, total_steps: int):
     config.checkpoint_every = 2
     config.image_summary_every = 2
     config.num_image_summaries = 2
-    config.eval.num_examples = 20  # two test batches, the second one part padding
+    config.eval.num_examples = 20  # three test batches of 8, the last one half padding
     config.mesh.update(data=1, fsdp=1, tensor=1)
     return config
 

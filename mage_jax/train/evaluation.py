@@ -30,11 +30,12 @@ def test_batches(config, mesh) -> Iterator[dict]:
     Each batch is sharded over the mesh's data axes and holds ``image``, ``label`` and
     ``mask`` (False on padding past the subset or the split), ``config.batch_size`` images.
     """
-    dataset = pipeline.eval_dataset(config.data, batch_size=config.batch_size,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-    source_size = len(datasets.open_source(config.data, config.data.eval_split))
-    count = num_examples(config, source_size)
+    source = datasets.open_source(config.data, config.data.eval_split)
+    dataset = pipeline.eval_dataset_from_source(source, config.data,
+                                                batch_size=config.batch_size,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count())
+    count = num_examples(config, len(source))
     host_batch = pipeline.host_batch_size(config.batch_size, jax.process_count())
     for i, batch in enumerate(dataset):
         if i >= math.ceil(count / config.batch_size):

@@ -221,18 +221,25 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
                 weight.ravel().astype(jnp.int32))
             sums = {"masked": jnp.sum(weight), "correct": jnp.sum(correct & weight),
                     "nll": jnp.sum(jnp.where(weight, nll, 0.0))}
-            shown = (images[:n], decode(tok_params, tokens[:n]),
-                     prediction_grid(images[:n], masked[:n], predicted[:n], tok_params))
-            return sums, counts, shown
+            return sums, counts
+
+        @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+        def pictures(params, images, rng):  # The first batch's first n, decoded once.
+            images = images[:n]
+            tokens, _, masked, _, predicted = one_step_prediction(
+                params["mage"], tok_params, images, rng)
+            return (images, decode(tok_params, tokens),
+                    prediction_grid(images, masked, predicted, tok_params))
 
         totals, counts, shown = {}, np.zeros(codebook_size, np.int64), None
         eval_rng = jax.random.key(config.seed + 1)
         for i, batch in enumerate(evaluation.test_batches(config, mesh)):
-            sums, batch_counts, images = jax.device_get(
-                score(state["params"], batch, jax.random.fold_in(eval_rng, i)))
+            rng = jax.random.fold_in(eval_rng, i)
+            sums, batch_counts = jax.device_get(score(state["params"], batch, rng))
             totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
             counts += batch_counts
-            shown = images if shown is None else shown
+            if shown is None:
+                shown = jax.device_get(pictures(state["params"], batch["image"], rng))
         masked_tokens = max(totals["masked"], 1.0)
         scores = {"test_masked_accuracy": totals["correct"] / masked_tokens,
                   "test_nll": totals["nll"] / masked_tokens,

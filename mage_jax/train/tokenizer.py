@@ -182,7 +182,6 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
                       frozen=perceptual_params, check=check, evaluate=evaluate)
 
 
-
 def _psnr_per_image(x, y):
     """PSNR in dB of each image in [0, 1] (x is clipped to [0, 1] first)."""
     mse = jnp.mean(jnp.square(jnp.clip(x, 0.0, 1.0) - y), axis=(1, 2, 3))
