@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mage_jax import sharding
-from mage_jax.models.transformer import Transformer, dense, layer_norm
+from mage_jax.models.layer_norm import layer_norm
+from mage_jax.models.transformer import Transformer, dense
 
 Dtype = Any
 
@@ -58,6 +59,7 @@ class TokenEmbedding(nn.Module):
     embed_dim: int
     dropout_rate: float = 0.1
     layer_norm_eps: float = 1e-6
+    explicit_layer_norm_grad: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -68,7 +70,8 @@ class TokenEmbedding(nn.Module):
         self.position_embeddings = self.param(
             "position_embeddings", _normal(0.02, ("length", "embed")),
             (self.num_positions, self.embed_dim), self.param_dtype)
-        self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")
+        self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm",
+                               self.explicit_layer_norm_grad)
         self.dropout = nn.Dropout(self.dropout_rate)
 
     def __call__(self, ids: jax.Array, deterministic: bool) -> jax.Array:
@@ -89,14 +92,15 @@ class MlmHead(nn.Module):
     embed_dim: int
     vocab_size: int
     layer_norm_eps: float = 1e-5
+    explicit_layer_norm_grad: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
         h = dense(self.embed_dim, ("embed",), ("mlp",), self.dtype, self.param_dtype, "fc")(x)
-        h = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")(
-            nn.gelu(h, approximate=False))
+        h = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm",
+                       self.explicit_layer_norm_grad)(nn.gelu(h, approximate=False))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                           (self.vocab_size,), self.param_dtype)
         # The official head reads `word_embeddings.weight.data.detach()`: the table gets
@@ -127,6 +131,8 @@ class MAGE(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    # The hand-written LayerNorm backward (mage_jax/models/layer_norm.py): faster on XLA:CPU.
+    explicit_layer_norm_grad: bool = False
 
     # ---- special ids of the legacy vocabulary ----
     @property
@@ -151,15 +157,19 @@ class MAGE(nn.Module):
             return Transformer(
                 depth=depth, num_heads=heads, mlp_dim=int(width * self.mlp_ratio),
                 dropout_rate=self.dropout_rate, attention_dropout_rate=self.dropout_rate,
-                layer_norm_eps=self.layer_norm_eps, remat=self.remat,
+                layer_norm_eps=self.layer_norm_eps,
+                explicit_layer_norm_grad=self.explicit_layer_norm_grad, remat=self.remat,
                 scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
                 name=name)
 
         n = self.num_tokens + 1
+        explicit = self.explicit_layer_norm_grad
         self.token_emb = TokenEmbedding(self.vocab_size, n, self.embed_dim, self.dropout_rate,
-                                        self.layer_norm_eps, self.dtype, self.param_dtype)
+                                        self.layer_norm_eps, explicit, self.dtype,
+                                        self.param_dtype)
         self.encoder = stack(self.depth, self.num_heads, self.embed_dim, "encoder")
-        self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")
+        self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm",
+                               explicit)
         self.decoder_embed = dense(self.decoder_embed_dim, ("embed",), ("mlp",), self.dtype,
                                    self.param_dtype, "decoder_embed")
         self.decoder_pos_embed = self.param(
@@ -168,9 +178,9 @@ class MAGE(nn.Module):
         self.decoder = stack(self.decoder_depth, self.decoder_num_heads, self.decoder_embed_dim,
                              "decoder")
         self.decoder_norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype,
-                                       "decoder_norm")
+                                       "decoder_norm", explicit)
         self.mlm_head = MlmHead(self.embed_dim, self.vocab_size, self.mlm_layer_norm_eps,
-                                self.dtype, self.param_dtype)
+                                explicit, self.dtype, self.param_dtype)
 
     # ---- pieces ----
     def _with_c0(self, token_ids: jax.Array) -> jax.Array:
@@ -302,4 +312,5 @@ def mage_from_config(config, codebook_size: int, num_tokens: int) -> MAGE:
         mlm_layer_norm_eps=float(_get(m, "mlm_layer_norm_eps", 1e-5)),
         drop_ratio=float(_get(m, "drop_ratio", 0.5)),
         remat=bool(_get(m, "remat", False)), scan_layers=bool(_get(m, "scan_layers", False)),
+        explicit_layer_norm_grad=bool(_get(m, "explicit_layer_norm_grad", False)),
         dtype=dtype, param_dtype=jnp.dtype(_get(m, "param_dtype", "float32")))

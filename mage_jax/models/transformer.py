@@ -20,19 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from mage_jax import sharding
+from mage_jax.models.layer_norm import layer_norm
 
 Dtype = Any
 
 _ACT = ("batch", "length", "embed")
-
-
-def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-    """A LayerNorm that matches ``torch.nn.LayerNorm`` (biased two-pass variance)."""
-    return nn.LayerNorm(
-        epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-        name=name)
 
 
 class Linear(nn.Module):
@@ -129,18 +121,21 @@ class Block(nn.Module):
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     layer_norm_eps: float = 1e-6
+    explicit_layer_norm_grad: bool = False  # mage_jax/models/layer_norm.py
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         x = sharding.constrain(x, _ACT)
-        y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")(x)
+        y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1",
+                       self.explicit_layer_norm_grad)(x)
         y = Attention(self.num_heads, self.attention_dropout_rate, self.dtype, self.param_dtype,
                       name="attn")(y, deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # timm proj_drop
         x = x + y
-        y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")(x)
+        y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2",
+                       self.explicit_layer_norm_grad)(x)
         y = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name="mlp")(
             y, deterministic)
         return sharding.constrain(x + y, _ACT)
@@ -167,6 +162,7 @@ class Transformer(nn.Module):
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     layer_norm_eps: float = 1e-6
+    explicit_layer_norm_grad: bool = False
     remat: bool = False
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
@@ -181,7 +177,8 @@ class Transformer(nn.Module):
         kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       dropout_rate=self.dropout_rate,
                       attention_dropout_rate=self.attention_dropout_rate,
-                      layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                      layer_norm_eps=self.layer_norm_eps,
+                      explicit_layer_norm_grad=self.explicit_layer_norm_grad, dtype=self.dtype,
                       param_dtype=self.param_dtype)
         if self.scan_layers:
             scanned = nn.scan(

@@ -285,3 +285,16 @@ def test_sharded_forward_on_8_devices_matches_one_device():
     # (layers, embed, qkv, heads, kv): embed over fsdp, heads over tensor.
     assert result["qkv_spec"] == str(
         jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None))
+
+
+def test_explicit_layer_norm_grad_gives_the_same_model_and_gradients(plain, forward, grad_case):
+    model, params = plain
+    other = MAGE(**TINY, explicit_layer_norm_grad=True)
+    tokens, drop, masked = _inputs(1)
+    out = jax.jit(lambda p: other.apply({"params": p}, tokens, drop, masked))(params)
+    np.testing.assert_allclose(out["logits"], forward(tokens, drop, masked)["logits"],
+                               rtol=1e-5, atol=1e-5)
+    case, g_ref = grad_case
+    g = jax.jit(jax.grad(_objective(other, *case)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), g, g_ref)
