@@ -61,6 +61,9 @@ class _QuietLibraries(std_logging.Filter):
 
 def run(config, workdir: str):
     """Runs the stage the config names; importable for tests and notebooks."""
+    if config.get("stage") == "generate":
+        from mage_jax.generate import stage as generate
+        return generate.run(config, workdir)
     from mage_jax.train import stages
     return stages.run(config, workdir)
 
