@@ -1,0 +1,1 @@
+"""Sample-quality metrics (FID, Inception Score) computed the way torch-fidelity does."""

@@ -1,0 +1,90 @@
+"""Image sets to score: a folder of PNG/JPEG files or an ``.npz``, as uint8 NHWC batches.
+
+Everything that can be wrong with a set (no images, mixed sizes, a float array, NCHW
+layout) is checked when it is opened, before any network is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+NPZ_KEY = "images"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+    """``num_images`` images of ``shape`` (H, W, 3); either ``files`` or ``array``."""
+    source: str
+    num_images: int
+    shape: tuple[int, int, int]
+    files: tuple[pathlib.Path, ...] = ()
+    array: np.ndarray | None = None
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        for start in range(0, self.num_images, batch_size):
+            if self.array is not None:
+                yield self.array[start:start + batch_size]
+            else:
+                yield np.stack([_read_rgb(f) for f in self.files[start:start + batch_size]])
+
+
+def _read_rgb(path: pathlib.Path) -> np.ndarray:
+    # torch-fidelity converts every file to RGB (grey or RGBA files score as colour).
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def open_folder(path) -> ImageSet:
+    """The folder's PNG/JPEG files (not subfolders), in sorted name order."""
+    root = pathlib.Path(path)
+    files = tuple(sorted(p for p in root.iterdir()
+                         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"{root} holds no {'/'.join(IMAGE_EXTENSIONS)} files; point --images "
+                         f"at the folder of images itself (subfolders are not searched).")
+    with Image.open(files[0]) as image:
+        size = image.size
+    for f in files[1:]:
+        with Image.open(f) as image:  # reads the header only
+            if image.size != size:
+                raise ValueError(
+                    f"images in {root} differ in size: {files[0].name} is {size[0]}x{size[1]}, "
+                    f"{f.name} is {image.size[0]}x{image.size[1]} (width x height). Resize them "
+                    f"to one size first (e.g. the generator's output size).")
+    return ImageSet(str(root), len(files), (size[1], size[0], 3), files=files)
+
+
+def open_npz(path) -> ImageSet:
+    """An ``.npz`` whose ``images`` entry is uint8 (N, H, W, 3)."""
+    with np.load(path) as data:
+        if NPZ_KEY not in data.files:
+            raise ValueError(f"{path} has no '{NPZ_KEY}' entry (it has {data.files}); save the "
+                             f"images with np.savez(path, {NPZ_KEY}=uint8 array (N, H, W, 3)).")
+        images = data[NPZ_KEY]
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path}['{NPZ_KEY}'] has dtype {images.dtype}; FID/IS take uint8 pixels "
+                         f"in [0, 255] (for floats in [0, 1]: "
+                         f"np.clip(np.round(x * 255), 0, 255).astype(np.uint8)).")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        hint = (" It looks like NCHW: np.transpose(x, (0, 2, 3, 1))."
+                if images.ndim == 4 and images.shape[1] == 3 else "")
+        raise ValueError(f"{path}['{NPZ_KEY}'] has shape {images.shape}; expected (N, H, W, 3) "
+                         f"RGB images.{hint}")
+    if len(images) == 0:
+        raise ValueError(f"{path}['{NPZ_KEY}'] holds no images.")
+    return ImageSet(str(path), len(images), tuple(images.shape[1:]), array=images)
+
+
+def open_images(path) -> ImageSet:
+    """A folder or an ``.npz`` file, by what ``path`` is."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        return open_folder(p)
+    if p.is_file() and p.suffix == ".npz":
+        return open_npz(p)
+    raise FileNotFoundError(f"--images={path} is neither a folder of images nor an .npz file.")
