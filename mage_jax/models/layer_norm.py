@@ -27,7 +27,8 @@ def _forward(x, scale, bias, eps):
     rstd = jax.lax.rsqrt((centred * centred).mean(-1, keepdims=True) + eps)
     normed = centred * rstd
     y = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y, (normed, rstd, scale)
+    # The empty array carries x's dtype: the cotangent of x must have it (bf16 compute).
+    return y, (normed, rstd, scale, jnp.zeros((0,), x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -39,7 +40,7 @@ def layer_norm_explicit_grad(x: jax.Array, scale: jax.Array, bias: jax.Array,
 
 def _backward(eps, residuals, g):
     del eps
-    normed, rstd, scale = residuals
+    normed, rstd, scale, x_dtype = residuals
     g = g.astype(jnp.float32)
     width = normed.shape[-1]
     rows_g, rows_normed = g.reshape(-1, width), normed.reshape(-1, width)
@@ -50,7 +51,7 @@ def _backward(eps, residuals, g):
     g_normed = g * scale.astype(jnp.float32)
     d_x = rstd * (g_normed - g_normed.mean(-1, keepdims=True)
                   - normed * (g_normed * normed).mean(-1, keepdims=True))
-    return d_x, d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+    return d_x.astype(x_dtype.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
 layer_norm_explicit_grad.defvjp(lambda x, s, b, eps: _forward(x, s, b, eps), _backward)

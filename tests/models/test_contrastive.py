@@ -45,7 +45,9 @@ def test_negatives_come_from_every_device_of_the_global_batch():
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2, tensor=1)))
     batch = NamedSharding(mesh, P(("data", "fsdp"), None))
     sharded = [jax.device_put(jnp.asarray(z, jnp.float32), batch) for z in (z1, z2)]
-    loss, _ = jax.jit(lambda a, b: info_nce(a, b, 0.5))(*sharded)
+    # Its own mesh: a stage run earlier in this process leaves its mesh set globally.
+    with jax.set_mesh(mesh):
+        loss, _ = jax.jit(lambda a, b: info_nce(a, b, 0.5))(*sharded)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     # A per-device loss (negatives only from the local 2 examples) would differ.
     local = np.mean([_numpy_nt_xent(z1[i:i + 2], z2[i:i + 2], 0.5) for i in range(0, 16, 2)])

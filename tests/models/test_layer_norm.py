@@ -65,7 +65,8 @@ def test_bfloat16_compute_keeps_float32_params_and_returns_bfloat16():
     module = layer_norm(1e-6, jnp.bfloat16, jnp.float32, "norm", explicit_grad=True)
     ref = layer_norm(1e-6, jnp.bfloat16, jnp.float32, "norm", explicit_grad=False)
     xb = x.astype(jnp.bfloat16)
-    y, (_, dp) = _value_and_grads(module, xb, params, cotangent)
+    y, (dx, dp) = _value_and_grads(module, xb, params, cotangent)
+    assert dx.dtype == jnp.bfloat16
     ref_y, (_, ref_dp) = _value_and_grads(ref, xb, params, cotangent)
     assert y.dtype == ref_y.dtype == jnp.bfloat16
     assert dp["scale"].dtype == jnp.float32
