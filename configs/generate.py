@@ -39,9 +39,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.save_png = True          # samples/000000.png ... beside samples.npz
     config.num_grid = 64            # samples in samples_grid.png and TensorBoard
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # FID and IS (torch-fidelity's protocol, mage_jax/eval/fid.py) when reference_stats is
+    # set: statistics of the real images from `python -m mage_jax.eval.score --save_stats`,
+    # and the standard pt_inception-2015-12-05 weights (a path, the cache, or download).
+    config.fid = ml_collections.ConfigDict(dict(
+        reference_stats="",
+        inception_weights="",
+        download=False,
+        splits=10,
+        batch_size=50,
+    ))
+    # Frechet distances in the feature space of a small classifier trained on the model's
+    # own dataset (offline; mage_jax/generate/measures.py): fd_samples, fd_real (floor),
+    # fd_random_tokens (ceiling), cond_accuracy for class-conditional samples.
+    config.classifier_measures = ml_collections.ConfigDict(dict(
+        enabled=False,
+        num_classes=10,
+        train_steps=400,
+        cache_dir="",               # where the trained classifier is kept ("": beside the data)
+    ))
 
     if "demo" in presets:
         config.num_samples = 1000
         config.batch_size = 100
         config.sampling.update(num_steps=12, choice_temperature=4.5)
+        config.classifier_measures.enabled = True
     return config

@@ -5,6 +5,9 @@ Arguments (comma separated):
   vit_l        ViT-L encoder (1024/24/16), decoder 1024/8/16
   contrastive  MAGE-C: two views, projection MLP and InfoNCE on the pooled encoder output
   demo         Fashion-MNIST at CPU size; trains the demo tokenizer first if needed
+  class_conditional
+               fine-tune a pretrained MAGE (--config.init_from=RUN) into a class-conditional
+               one: the class id at position 0, [C0] with probability 0.1 (our design)
 
     python -m mage_jax.main --config=configs/pretrain.py:demo --workdir=/tmp/mage
 """
@@ -19,17 +22,18 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 FASHION_MNIST_TRAIN_EXAMPLES = 60_000
 
 
-def _tokenizer_stage_config(arg: str) -> ml_collections.ConfigDict:
-    """configs/tokenizer.py's config: the tokenizer this MAGE reads (and may train first)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.py")
-    spec = importlib.util.spec_from_file_location("mage_jax_tokenizer_config", path)
+def _stage_config(stage: str, arg: str) -> ml_collections.ConfigDict:
+    """configs/<stage>.py's config (the tokenizer this MAGE reads, the sampling after it)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{stage}.py")
+    spec = importlib.util.spec_from_file_location(f"mage_jax_{stage}_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = config_defaults.parse_args(arg, known=("vit_b", "vit_l", "contrastive", "demo"))
+    presets = config_defaults.parse_args(
+        arg, known=("vit_b", "vit_l", "contrastive", "demo", "class_conditional"))
     demo = "demo" in presets
     config = config_defaults.base_config("pretrain")
 
@@ -37,11 +41,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # output of `python -m mage_jax.convert tokenizer` (official weights). Empty means
     # <workdir>/tokenizer; with `train_tokenizer_if_missing` the stage trains it there first
     # with `tokenizer_stage` (the demo's route to a one-command start).
-    tokenizer_stage = _tokenizer_stage_config("demo" if demo else "paper")
+    tokenizer_stage = _stage_config("tokenizer", "demo" if demo else "paper")
     config.tokenizer_workdir = ""
     config.train_tokenizer_if_missing = demo
     config.tokenizer_stage = tokenizer_stage
     config.tokenizer = tokenizer_stage.tokenizer
+    config.sample_when_done = False  # the demo samples from the model once it is trained
 
     config.model = ml_collections.ConfigDict(dict(
         embed_dim=768, depth=12, num_heads=12,
@@ -62,6 +67,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         per_example=False,      # one ratio per example instead of per step (not the paper)
     ))
     config.label_smoothing = 0.1
+    # Fine-tuning: a pretraining run or converted weights whose MAGE this run starts from
+    # (its tokenizer too, unless tokenizer_workdir says otherwise). Empty: from scratch.
+    config.init_from = ""
+    # Class-conditional MAGE (not in the paper; our design): position 0 holds the class id
+    # (the legacy vocabulary's class slots, 999 of them beside [C0]) instead of [C0], except
+    # with probability label_dropout, so one model samples with and without a class and
+    # classifier-free guidance can mix the two (configs/generate.py).
+    config.class_conditional = ml_collections.ConfigDict(dict(
+        enabled="class_conditional" in presets,
+        label_dropout=0.1,
+        num_classes=1000,
+    ))
     # MAGE-C. The paper's appendix values were not available: a 2-layer MLP projection,
     # temperature 0.2 and loss weight 0.1 are our defaults (SimCLR/MoCo v3 practice).
     config.contrastive = ml_collections.ConfigDict(dict(
@@ -112,6 +129,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.checkpoint_every = 250
         config.image_summary_every = 250
         config.eval.num_examples = 1000
+        # Then sample from the trained model (configs/generate.py:demo, fewer samples) and
+        # measure the samples offline, into <workdir>/generate (mage_jax/main.py).
+        config.sample_when_done = True
+        config.generate_stage = _stage_config("generate", "demo")
+        config.generate_stage.num_samples = 500
+    if "class_conditional" in presets:
+        if demo:  # its samples: every class in turn, with guidance
+            config.generate_stage.sampling.update(class_label=-2, num_classes=10,
+                                                  guidance_scale=1.0)
+        # ImageNet's 1000 classes do not fit the 999 free class ids: the stage says so
+        # before compiling; a dataset of up to 999 classes sets num_classes.
+        # A short fine-tune on the pretrained weights: warm-up, then cosine to 0.
+        if demo:
+            config.class_conditional.num_classes = 10
+            config.total_steps = 300
+            config.optimizer.update(blr=1.2e-2, warmup_epochs=0.005,
+                                    epochs=config.total_steps * config.batch_size
+                                    / FASHION_MNIST_TRAIN_EXAMPLES)
+            config.checkpoint_every = 100
+            config.image_summary_every = 100
+        else:
+            config.optimizer.update(warmup_epochs=5.0, epochs=100.0)
     # When the tokenizer is trained first, it reads this config's dataset and image size and
     # uses this config's `tokenizer` sizes (mage_jax/train/pretrain.py: tokenizer_stage_config).
     if not demo:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import time
 
 # TensorFlow is only imported for TFDS preparation and TensorBoard writing: keep its C++
 # start-up chatter out of the run log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -60,12 +62,28 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def run(config, workdir: str):
-    """Runs the stage the config names; importable for tests and notebooks."""
+    """Runs the stage the config names; importable for tests and notebooks.
+
+    A pretraining config with ``sample_when_done`` (the demo) then samples from the
+    trained model with its ``generate_stage`` config into ``<workdir>/generate``, before
+    the run's summary is logged.
+    """
+    from mage_jax.generate import stage as generate
     if config.get("stage") == "generate":
-        from mage_jax.generate import stage as generate
         return generate.run(config, workdir)
-    from mage_jax.train import stages
-    return stages.run(config, workdir)
+    from mage_jax.train import report, stages
+    if not config.get("sample_when_done", False):
+        return stages.run(config, workdir)
+    started = time.perf_counter()
+    state = stages.run(config, workdir, summarize=False)
+    if int(state["step"]) >= config.total_steps:  # not preempted: the model is finished
+        sampling = ml_collections.ConfigDict(config.generate_stage.to_dict())
+        sampling.pretrain_workdir = workdir
+        sampling.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
+        generate.run(sampling, os.path.join(workdir, report.SAMPLES_WORKDIR))
+    logging.info("\n%s", report.summary(config, workdir, stages.tokenizer_workdir(config, workdir),
+                                        seconds=time.perf_counter() - started))
+    return state
 
 
 def parse_flags(argv: list[str]) -> list[str]:

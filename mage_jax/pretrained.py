@@ -51,7 +51,15 @@ def _read_json(path: str, what: str) -> dict:
 
 
 def tokenizer_dir(run_config: dict, pretrain_workdir: str) -> str:
-    return run_config.get("tokenizer_workdir") or os.path.join(pretrain_workdir, "tokenizer")
+    """Where a run's tokenizer is: its ``tokenizer_workdir``; for a fine-tuned run, that of
+    the run it started from (``init_from``); else ``<run>/tokenizer``."""
+    if run_config.get("tokenizer_workdir"):
+        return run_config["tokenizer_workdir"]
+    if run_config.get("init_from"):
+        source = _read_json(os.path.join(run_config["init_from"], "config.json"),
+                            "config.init_from must hold a run or converted weights")
+        return tokenizer_dir(source, run_config["init_from"])
+    return os.path.join(pretrain_workdir, "tokenizer")
 
 
 def load(pretrain_workdir: str, step: int | None = None, dtype: str = "float32") -> Pretrained:

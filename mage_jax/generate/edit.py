@@ -23,16 +23,9 @@ from mage_jax import pretrained, sharding
 from mage_jax.generate import editing
 from mage_jax.generate import sampler as sampler_lib
 
-_PRETRAIN = flags.DEFINE_string("pretrain_workdir", None, "A pretraining run or converted weights.")
-_IMAGE = flags.DEFINE_string("image", None, "The image to edit (PNG/JPEG).")
-_MASK = flags.DEFINE_string("mask", None, "A mask PNG of the image's size; white regenerates.")
-_BOX = flags.DEFINE_string("box", None, "left,top,right,bottom in model pixels: regenerate it.")
-_OUTPAINT = flags.DEFINE_bool("outpaint", False, "Regenerate outside the box/mask instead.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where the edited PNG goes.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Edits to draw (different seeds).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_STEPS = flags.DEFINE_integer("num_steps", 12, "Decoding steps.")
-_TEMPERATURE = flags.DEFINE_float("choice_temperature", 4.5, "Re-masking temperature.")
+# The flags are defined when this file runs as the command (`_define_flags`), not on
+# import: other modules of the package (the converter) define flags of the same names.
+FLAGS = flags.FLAGS
 
 
 def _center_square(image: Image.Image, size: int, resample) -> Image.Image:
@@ -92,26 +85,40 @@ def edit_images(pre: pretrained.Pretrained, images: np.ndarray, regions: np.ndar
     return np.asarray(editing.paste(jnp.asarray(images), generated, jnp.asarray(regions)))
 
 
+def _define_flags() -> None:
+    flags.DEFINE_string("pretrain_workdir", None, "A pretraining run or converted weights.")
+    flags.DEFINE_string("image", None, "The image to edit (PNG/JPEG).")
+    flags.DEFINE_string("mask", None, "A mask PNG of the image's size; white regenerates.")
+    flags.DEFINE_string("box", None, "left,top,right,bottom in model pixels: regenerate it.")
+    flags.DEFINE_bool("outpaint", False, "Regenerate outside the box/mask instead.")
+    flags.DEFINE_string("output", None, "Where the edited PNG goes.")
+    flags.DEFINE_integer("num_samples", 1, "Edits to draw (different seeds).")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_integer("num_steps", 12, "Decoding steps.")
+    flags.DEFINE_float("choice_temperature", 4.5, "Re-masking temperature.")
+
+
 def main(argv):
     del argv
-    for name, value in (("pretrain_workdir", _PRETRAIN.value), ("image", _IMAGE.value),
-                        ("output", _OUTPUT.value)):
+    for name, value in (("pretrain_workdir", FLAGS.pretrain_workdir), ("image", FLAGS.image),
+                        ("output", FLAGS.output)):
         if not value:
             raise app.UsageError(f"--{name} is required.")
-    pre = pretrained.load(_PRETRAIN.value)
-    image, region = load_inputs(_IMAGE.value, pre.image_size, _MASK.value, _BOX.value,
-                                _OUTPAINT.value)
-    n = _NUM_SAMPLES.value
+    pre = pretrained.load(FLAGS.pretrain_workdir)
+    image, region = load_inputs(FLAGS.image, pre.image_size, FLAGS.mask, FLAGS.box,
+                                FLAGS.outpaint)
+    n = FLAGS.num_samples
     edited = edit_images(pre, np.repeat(image[None], n, 0), np.repeat(region[None], n, 0),
-                         seed=_SEED.value, num_steps=_STEPS.value,
-                         choice_temperature=_TEMPERATURE.value)
-    stem, ext = os.path.splitext(_OUTPUT.value)
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+                         seed=FLAGS.seed, num_steps=FLAGS.num_steps,
+                         choice_temperature=FLAGS.choice_temperature)
+    stem, ext = os.path.splitext(FLAGS.output)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     for i, result in enumerate(edited):
-        path = _OUTPUT.value if n == 1 else f"{stem}_{i}{ext or '.png'}"
+        path = FLAGS.output if n == 1 else f"{stem}_{i}{ext or '.png'}"
         Image.fromarray(result).save(path)
         print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -6,7 +6,7 @@ compile together, the batch sharded over the mesh's data axes, the parameters re
 
 Position 0 holds [C0] (unconditional, as the paper and the official ``gen_image``) or, for
 a class-conditional MAGE (our design, ``configs/pretrain.py:class_conditional``), the class
-id ``codebook_size + label`` of the legacy vocabulary. With ``guidance_scale`` s > 0 each
+id of the legacy vocabulary (``MAGE.class_token_id``). With ``guidance_scale`` s > 0 each
 step runs the model on both and samples from ``(1 + s) * cond - s * uncond`` (classifier-
 free guidance on the logits, as Muse); a label < 0 in a batch means unconditional.
 """
@@ -29,7 +29,7 @@ def to_uint8(images: jax.Array) -> jax.Array:
 def logits_fn_for(model: mage.MAGE, params, labels: jax.Array, guidance_scale: float):
     """``ids (B, L) -> logits (B, L+1, vocab)`` with [C0] or the class id at position 0."""
     c0 = jnp.full(labels.shape, model.fake_class_id, jnp.int32)
-    first = jnp.where(labels >= 0, model.codebook_size + labels, c0)
+    first = jnp.where(labels >= 0, model.class_token_id(jnp.maximum(labels, 0)), c0)
 
     def run(position0, ids):
         tokens = jnp.concatenate([position0[:, None].astype(ids.dtype), ids], axis=1)

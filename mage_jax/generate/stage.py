@@ -69,12 +69,60 @@ def class_labels(config, indices: np.ndarray) -> np.ndarray:
 
 def check_labels(config, model) -> None:
     label, count = int(config.sampling.class_label), int(config.sampling.num_classes)
-    limit = model.fake_class_id - model.codebook_size  # class ids below [C0]
+    limit = model.num_class_ids
     if label < -2 or label >= limit or (label == -2 and not 1 <= count <= limit):
         raise validation.ConfigError(
             f"config.sampling.class_label={label} (num_classes={count}) is outside the "
             f"vocabulary's class ids: use -1 (unconditional), a label in [0, {limit}), or -2 "
             f"with 1 <= num_classes <= {limit} (every class in turn).")
+
+
+def _measures(config, pre, images: np.ndarray, labels: np.ndarray) -> dict:
+    """FID/IS against saved reference statistics, and the offline classifier measures."""
+    scores = {}
+    if config.fid.reference_stats:
+        from mage_jax.eval import fid, inception
+        weights = inception.inception_weights_path(
+            config.fid.inception_weights or None, bool(config.fid.download),
+            setting="config.fid.inception_weights", download_setting="config.fid.download")
+        reference = fid.load_statistics(config.fid.reference_stats)[:2]
+        metrics, _ = fid.evaluate(inception.load_inception(weights), [images],
+                                  int(config.fid.batch_size), int(config.fid.splits), reference)
+        scores.update(fid=metrics["frechet_inception_distance"],
+                      inception_score=metrics["inception_score_mean"],
+                      inception_score_std=metrics["inception_score_std"])
+    if config.classifier_measures.enabled:
+        from mage_jax.generate import measures
+        scores.update(measures.classifier_measures(
+            pre, images, labels, pre.run_config["data"],
+            num_classes=int(config.classifier_measures.num_classes),
+            train_steps=int(config.classifier_measures.train_steps), seed=int(config.seed),
+            cache_root=config.classifier_measures.cache_dir or None))
+    return scores
+
+
+def _check_measures(config, pre) -> None:
+    if (config.fid.reference_stats or config.classifier_measures.enabled) and \
+            jax.process_count() > 1:
+        raise validation.ConfigError(
+            "FID/IS and the classifier measures run in the generate stage on one host; on a "
+            "pod, sample with config.fid.reference_stats='' and classifier_measures.enabled="
+            "False, then score the samples folder with `python -m mage_jax.eval.score`.")
+    if config.fid.reference_stats:
+        from mage_jax.eval import fid, inception
+        fid.load_statistics(config.fid.reference_stats)  # exists, right feature size
+        inception.inception_weights_path(
+            config.fid.inception_weights or None, bool(config.fid.download),
+            setting="config.fid.inception_weights", download_setting="config.fid.download")
+        if int(config.num_samples) < int(config.fid.splits):
+            raise validation.ConfigError(
+                f"config.num_samples={config.num_samples} is fewer than the Inception Score's "
+                f"config.fid.splits={config.fid.splits}.")
+    if config.classifier_measures.enabled and "data" not in pre.run_config:
+        raise validation.ConfigError(
+            f"config.classifier_measures needs the dataset the model was trained on, but "
+            f"{pre.workdir}/config.json names none (converted weights?); turn it off with "
+            f"--config.classifier_measures.enabled=False.")
 
 
 def _global(values: np.ndarray, mesh) -> jax.Array:
@@ -100,6 +148,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     step = None if int(config.checkpoint_step) < 0 else int(config.checkpoint_step)
     pre = pretrained.load(config.pretrain_workdir, step, dtype=config.dtype)
     check_labels(config, pre.model)
+    _check_measures(config, pre)
     mesh = sharding.make_mesh(config.mesh, devices)
     validation.validate_batch(config, mesh)
     jax.set_mesh(mesh)
@@ -153,6 +202,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     writer = metrics_lib.create_writer(workdir)
     scores = {"num_samples": float(total), "sampling_seconds": seconds,
               "images_per_sec": total / seconds}
+    local_labels = class_labels(config, local_index)
+    scores.update(_measures(config, pre, local_images, local_labels))
     if jax.process_index() == 0:
         Image.fromarray(picture).save(os.path.join(workdir, GRID_PNG))
     writer.write_images(pre.step, {"samples": picture[None].astype(np.float32) / 255.0})

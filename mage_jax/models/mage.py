@@ -183,9 +183,26 @@ class MAGE(nn.Module):
                                 explicit, self.dtype, self.param_dtype)
 
     # ---- pieces ----
-    def _with_c0(self, token_ids: jax.Array) -> jax.Array:
-        c0 = jnp.full((token_ids.shape[0], 1), self.fake_class_id, token_ids.dtype)
-        return jnp.concatenate([c0, token_ids], axis=1)
+    @property
+    def num_class_ids(self) -> int:
+        """Class ids a class-conditional MAGE can use: the legacy slots minus [C0]'s."""
+        return NUM_LEGACY_CLASS_IDS - 1
+
+    def class_token_id(self, labels: jax.Array) -> jax.Array:
+        """Vocabulary id of class ``labels`` (0 .. num_class_ids-1) for position 0.
+
+        Class-conditional MAGE is our design, not the paper's: it reuses the legacy class
+        slots ``codebook_size + label``, skipping the slot that [C0] occupies (label 76 of
+        the official layout), so 999 classes fit.
+        """
+        labels = jnp.asarray(labels, jnp.int32)
+        return self.codebook_size + labels + (labels >= FAKE_CLASS_OFFSET).astype(jnp.int32)
+
+    def _with_c0(self, token_ids: jax.Array, first: jax.Array | None = None) -> jax.Array:
+        """Position 0 in front: [C0], or ``first (B,)`` ids (class tokens) where given."""
+        if first is None:
+            first = jnp.full((token_ids.shape[0],), self.fake_class_id, token_ids.dtype)
+        return jnp.concatenate([first[:, None].astype(token_ids.dtype), token_ids], axis=1)
 
     def _decode(self, latent, keep_rank, pad_mask, deterministic):
         """Decoder + MLM head. ``keep_rank[b, p]``: index in ``latent`` of position p if kept;
@@ -204,12 +221,15 @@ class MAGE(nn.Module):
     # ---- entry points ----
     def __call__(self, token_ids: jax.Array, token_drop_mask: jax.Array,
                  token_all_mask: jax.Array, train: bool = False,
-                 num_dropped: int | None = None) -> dict[str, jax.Array]:
+                 num_dropped: int | None = None,
+                 first_token: jax.Array | None = None) -> dict[str, jax.Array]:
         """Pretraining forward pass on the unmasked target tokens ``(B, L)``.
 
         ``token_drop_mask`` / ``token_all_mask`` are ``(B, L+1)`` booleans (position 0 is
         [C0] and False in both); every row must drop exactly ``num_dropped`` positions
         (default ``ceil(L * drop_ratio)``, a static Python int so that shapes are static).
+        ``first_token (B,)``: the id at position 0 (default [C0]; a class-conditional MAGE
+        passes ``class_token_id(labels)``).
         Returns ``logits (B, L+1, vocab)`` float32, ``encoder_output (B, kept, D)`` after the
         final norm, and ``pooled (B, D)``, its mean over the kept positions (for MAGE-C).
         """
@@ -224,7 +244,7 @@ class MAGE(nn.Module):
         masked = token_all_mask.astype(bool)
         _check_drop_count(drop, num_dropped)
 
-        ids = self._with_c0(jnp.where(masked[:, 1:], self.mask_token_id, token_ids))
+        ids = self._with_c0(jnp.where(masked[:, 1:], self.mask_token_id, token_ids), first_token)
         x = self.token_emb(ids, deterministic)
         # Kept positions in positional order ([C0] first): a stable sort puts False first.
         num_kept = length + 1 - num_dropped

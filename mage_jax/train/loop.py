@@ -45,6 +45,7 @@ class Stage:
     evaluate(state, frozen, mesh, workdir) -> (scores, images): held-out scores, logged at
       the last step (``test_*`` keys), and image grids for TensorBoard; it may also save
       pictures into the workdir. Run once, when the run reaches ``total_steps``.
+    warm_start(state) -> state: pretrained weights put into the initial state (fine-tuning).
     """
     init_state: Callable[[jax.Array], State]
     train_step: Callable[..., tuple[State, Mapping[str, jax.Array]]]
@@ -53,6 +54,9 @@ class Stage:
     two_views: bool = False
     check: Callable[[], None] | None = None  # stage-specific validation, before compiling
     evaluate: Callable[..., tuple[Mapping[str, float], Mapping[str, Any]]] | None = None
+    # Fine-tuning: (freshly initialised state) -> state with pretrained weights put in. Runs
+    # once, at step 0; a resumed run reads its own checkpoint instead.
+    warm_start: Callable[[State], State] | None = None
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -113,6 +117,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     else:
         init = jax.jit(lambda r: nn.unbox(stage.init_state(r)), out_shardings=state_shardings)
         state = init(init_rng)
+        if stage.warm_start is not None:
+            state = stage.warm_start(state)
     frozen = _place_frozen(stage.frozen, mesh)
 
     # ----------------------------------------------------------------- compile

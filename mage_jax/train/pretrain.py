@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mage_jax import checkpointing, masking, optim, sharding, validation
+from mage_jax import checkpointing, masking, optim, pretrained, sharding, validation
 from mage_jax.convert import torch_tokenizer
 from mage_jax.models import contrastive, mage, vqgan
 from mage_jax.train import evaluation, loop, report
@@ -26,7 +26,9 @@ class TokenizerMismatchError(ValueError):
 
 
 def tokenizer_workdir(config, workdir: str) -> str:
-    return config.tokenizer_workdir or os.path.join(workdir, "tokenizer")
+    """``config.tokenizer_workdir``, else the tokenizer of ``config.init_from`` (a fine-tuned
+    MAGE reads the tokens it was pretrained on), else ``<workdir>/tokenizer``."""
+    return pretrained.tokenizer_dir(config.to_dict(), workdir)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None):
@@ -93,8 +95,31 @@ def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None) -
     validation.validate_batch(config, sharding.make_mesh(config.mesh, devices))
     stage = make_stage(config)
     stage.check()
+    if config.init_from:
+        stage.warm_start = _warm_start(config.init_from)
     stage.frozen = load_tokenizer(config, workdir, devices)
     return stage
+
+
+def _warm_start(init_from: str):
+    """Puts the MAGE of ``init_from`` (a run or converted weights) into a fresh state."""
+    source = pretrained.load(init_from)
+
+    def warm_start(state):
+        target = state["params"]["mage"]
+        flat_target = dict(jax.tree_util.tree_flatten_with_path(target)[0])
+        flat_source = dict(jax.tree_util.tree_flatten_with_path(source.params)[0])
+        for path, leaf in flat_target.items():
+            got = flat_source.get(path)
+            if got is None or tuple(got.shape) != tuple(leaf.shape):
+                raise ValueError(
+                    f"config.init_from={init_from}: parameter {jax.tree_util.keystr(path)} is "
+                    f"{'missing' if got is None else tuple(got.shape)} there but this model has "
+                    f"{tuple(leaf.shape)}; use the model sizes (and scan_layers) of that run.")
+        placed = jax.device_put(source.params, jax.tree.map(lambda x: x.sharding, target))
+        logging.info("Fine-tuning from %s (step %d).", init_from, source.step)
+        return {**state, "params": {**state["params"], "mage": placed}}
+    return warm_start
 
 
 def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop.Stage:
@@ -118,6 +143,7 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
                      grad_clip_norm=opt.grad_clip_norm)
     mcfg = config.masking
     num_tokens = grid * grid
+    conditional = config.get("class_conditional", {}).get("enabled", False)
 
     def init_state(rng):
         m_rng, p_rng = jax.random.split(rng)
@@ -141,18 +167,31 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
         drop, masked = masking.sample_masks(mask_rng, batch, num_tokens, ratio, mcfg.drop_ratio)
         return ratio, drop, masked
 
-    def view_loss(params, tokens, rng):
+    def first_tokens(rng, labels):
+        """Class-conditional MAGE (our design): the class id at position 0, [C0] instead
+        with probability ``label_dropout`` (and for unlabelled examples), so that one model
+        samples with and without a class, as classifier-free guidance needs."""
+        if not conditional:
+            return None
+        keep = jax.random.bernoulli(rng, 1.0 - config.class_conditional.label_dropout,
+                                    labels.shape) & (labels >= 0)
+        return jnp.where(keep, model.class_token_id(jnp.maximum(labels, 0)),
+                         model.fake_class_id)
+
+    def view_loss(params, tokens, rng, first=None):
         mask_rng, dropout_rng = jax.random.split(rng)
         ratio, drop, masked = masks_for(mask_rng, tokens.shape[0])
         out = model.apply({"params": params["mage"]}, tokens, drop, masked, train=True,
-                          rngs={"dropout": dropout_rng})
+                          first_token=first, rngs={"dropout": dropout_rng})
         loss, terms = mage.mage_loss(out["logits"], tokens, masked, codebook_size,
                                      config.label_smoothing)
         return loss, terms, out, jnp.mean(ratio)
 
     def loss_fn(params, batch, rng, tok_params):
-        rng1, rng2 = jax.random.split(rng)
-        loss, terms, out, ratio = view_loss(params, tokenize(tok_params, batch["image"]), rng1)
+        rng1, rng2, class_rng = jax.random.split(rng, 3)
+        first = first_tokens(class_rng, batch["label"]) if conditional else None
+        loss, terms, out, ratio = view_loss(params, tokenize(tok_params, batch["image"]), rng1,
+                                            first)
         metrics = {"reconstruction_loss": loss, "mask_ratio": ratio, **terms}
         if use_c:
             loss2, _, out2, _ = view_loss(params, tokenize(tok_params, batch["image2"]), rng2)
@@ -255,6 +294,16 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
     def check():
         if config.batch_size < 2 and use_c:
             raise ValueError("MAGE-C needs config.batch_size >= 2 for InfoNCE negatives.")
+        if conditional:
+            cc = config.class_conditional
+            if not 1 <= cc.num_classes <= model.num_class_ids:
+                raise ValueError(
+                    f"config.class_conditional.num_classes={cc.num_classes}: the legacy "
+                    f"vocabulary has {model.num_class_ids} class ids beside [C0] (a 1000-class "
+                    f"dataset such as ImageNet does not fit; its class 999 has no id).")
+            if not 0.0 <= cc.label_dropout < 1.0:
+                raise ValueError(f"config.class_conditional.label_dropout={cc.label_dropout} "
+                                 f"must be in [0, 1) (0.1: one model for both modes).")
 
     return loop.Stage(init_state=init_state, train_step=train_step, summarize=summarize,
                       frozen=tokenizer_params, two_views=use_c, check=check, evaluate=evaluate)

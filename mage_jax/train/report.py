@@ -11,6 +11,7 @@ from mage_jax import metrics as metrics_lib
 
 RECONSTRUCTIONS_PNG = "reconstructions.png"  # test image | tokenizer reconstruction
 PREDICTIONS_PNG = "predictions.png"  # masked input | one-step MAGE prediction | original
+SAMPLES_WORKDIR = "generate"  # where a run's samples go with `sample_when_done`
 
 
 def _records(workdir: str) -> list[dict]:
@@ -46,6 +47,20 @@ def _pretrain_line(records: list[dict]) -> str | None:
     return line
 
 
+def _samples_line(generate_workdir: str) -> str | None:
+    """Samples drawn at the end of a run (``sample_when_done``) and their measures."""
+    records = _records(generate_workdir)
+    if not records:
+        return None
+    last = records[-1]
+    line = f"samples    {os.path.join(generate_workdir, 'samples_grid.png')}"
+    if "fd_samples" in last:
+        line += (f"; classifier Frechet distance {last['fd_samples']:.2f} for "
+                 f"{int(last['num_samples'])} samples (real images {last['fd_real']:.2f}, "
+                 f"random tokens {last['fd_random_tokens']:.2f})")
+    return line
+
+
 def summary(config, workdir: str, tokenizer_workdir: str | None = None,
             seconds: float | None = None) -> str:
     """A short text: scores, pictures, TensorBoard, next commands (``config.stage`` picks)."""
@@ -66,7 +81,16 @@ def summary(config, workdir: str, tokenizer_workdir: str | None = None,
                          or f"tokenizer  {tokenizer_workdir}")
         lines.append(_pretrain_line(records) or "MAGE       no logged step yet")
         pictures = [RECONSTRUCTIONS_PNG, PREDICTIONS_PNG]
-        nxt = [f"python -m mage_jax.main --config=configs/pretrain.py:{preset},contrastive "
+        samples = _samples_line(os.path.join(workdir, SAMPLES_WORKDIR))
+        if samples:
+            lines.append(samples)
+        nxt = [f"python -m mage_jax.main --config=configs/generate.py:{preset} "
+               f"--workdir={workdir}_samples --config.pretrain_workdir={workdir}   (sample)",
+               f"python -m mage_jax.generate.edit --pretrain_workdir={workdir} --image=IMAGE "
+               f"--box=8,8,24,24 --output=inpainted.png   (inpaint; --outpaint for outside)",
+               f"python -m mage_jax.main --config=configs/pretrain.py:{preset},class_conditional "
+               f"--workdir={workdir}_cond --config.init_from={workdir}   (class-conditional)",
+               f"python -m mage_jax.main --config=configs/pretrain.py:{preset},contrastive "
                f"--workdir={workdir}_contrastive --config.tokenizer_workdir="
                f"{tokenizer_workdir or os.path.join(workdir, 'tokenizer')}   (MAGE-C)"]
     found = [os.path.join(workdir, p) for p in pictures

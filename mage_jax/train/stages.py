@@ -33,10 +33,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None, summarize
     state = loop.train_and_evaluate(config, workdir, stage, devices)
     if not summarize:
         return state
-    tokenizer_workdir = None
-    if config.stage == "pretrain":
-        from mage_jax.train import pretrain
-        tokenizer_workdir = pretrain.tokenizer_workdir(config, workdir)
-    logging.info("\n%s", report.summary(config, workdir, tokenizer_workdir,
+    logging.info("\n%s", report.summary(config, workdir, tokenizer_workdir(config, workdir),
                                         seconds=time.perf_counter() - started))
     return state
+
+
+def tokenizer_workdir(config, workdir: str) -> str | None:
+    """The tokenizer a pretraining run reads (None for other stages)."""
+    if config.stage != "pretrain":
+        return None
+    from mage_jax.train import pretrain
+    return pretrain.tokenizer_workdir(config, workdir)

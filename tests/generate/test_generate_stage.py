@@ -19,6 +19,7 @@ def _config(pretrain_dir, num_samples=6, batch_size=4, data=1):
     config.batch_size = batch_size
     config.sampling.num_steps = 4
     config.num_grid = 4
+    config.classifier_measures.enabled = False  # trains a classifier: its own test
     config.mesh.update(data=data)
     return config
 
@@ -91,3 +92,61 @@ def test_not_a_pretraining_run_is_named(pretrain_dir, tmp_path):
     config = _config(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="config.json does not exist"):
         generate.run(config, str(tmp_path), devices=jax.devices()[:1])
+
+
+def test_fid_and_inception_score_against_saved_statistics(pretrain_dir, single, tmp_path):
+    """The stage's FID of samples against statistics of the very same images is 0; its IS
+    is the IS of their features (fixture weights: random, but the real network)."""
+    from mage_jax.eval import fid, inception
+    from tests.conftest import _fixture_path
+    weights = str(_fixture_path("INCEPTION_FIXTURE", "inception_fid_tiny.npz"))
+    _, images, _ = single
+    expected, stats = fid.evaluate(inception.load_inception(weights), [images], 8, splits=2)
+    fid.save_statistics(tmp_path / "ref.npz", stats.mean, stats.covariance(), stats.num_images)
+    config = _config(pretrain_dir)
+    config.fid.update(reference_stats=str(tmp_path / "ref.npz"), inception_weights=weights,
+                      splits=2, batch_size=8)
+    config.classifier_measures.enabled = False
+    generate.run(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    record = metrics.read_metrics(str(tmp_path / "run"))[-1]
+    scale = float(np.trace(stats.covariance()))
+    # eigvals of a rank-5 product of 2048 x 2048 matrices: zero up to ~1e-6 of the trace.
+    assert abs(record["fid"]) < 2e-5 * scale, (record["fid"], scale)
+    np.testing.assert_allclose(record["inception_score"], expected["inception_score_mean"],
+                               rtol=1e-6)
+    config.seed = 5
+    generate.run(config, str(tmp_path / "other"), devices=jax.devices()[:1])
+    assert metrics.read_metrics(str(tmp_path / "other"))[-1]["fid"] > 1e-3 * scale
+
+
+def test_missing_fid_inputs_are_named(pretrain_dir, tmp_path):
+    config = _config(pretrain_dir)
+    config.fid.reference_stats = str(tmp_path / "nope.npz")
+    with pytest.raises(FileNotFoundError, match="nope.npz does not exist"):
+        generate.run(config, str(tmp_path / "a"), devices=jax.devices()[:1])
+    stats = tmp_path / "ref.npz"
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
+    config.fid.update(reference_stats=str(stats), inception_weights=str(tmp_path / "w.pth"))
+    with pytest.raises(FileNotFoundError, match="inception_weights=.*w.pth does not exist"):
+        generate.run(config, str(tmp_path / "b"), devices=jax.devices()[:1])
+
+
+def test_classifier_measures_separate_real_images_from_random_tokens(pretrain_dir, tmp_path):
+    config = _config(pretrain_dir, num_samples=40, batch_size=20)
+    config.classifier_measures.update(enabled=True, train_steps=60,
+                                      cache_dir=str(tmp_path / "root"))
+    generate.run(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    record = metrics.read_metrics(str(tmp_path / "run"))[-1]
+    for key in ("fd_samples", "fd_real", "fd_random_tokens"):
+        assert np.isfinite(record[key]) and record[key] >= 0, record
+    # Real test images against real test images beat decoded noise by far.
+    assert record["fd_real"] < 0.5 * record["fd_random_tokens"], record
+    assert "cond_accuracy" not in record  # unconditional samples
+    # Cached: a second run reads the classifier instead of training it again.
+    cache = tmp_path / "root" / "mage_jax_classifier" / "fashion_mnist_16px" / "checkpoints"
+    assert os.listdir(cache) == ["60"]
+    stamp = os.path.getmtime(cache / "60")
+    generate.run(config, str(tmp_path / "again"), devices=jax.devices()[:1])
+    assert os.path.getmtime(cache / "60") == stamp
+    again = metrics.read_metrics(str(tmp_path / "again"))[-1]
+    assert again["fd_samples"] == pytest.approx(record["fd_samples"], rel=1e-6)

@@ -138,7 +138,10 @@ def test_demo_command_logs_the_summary(tokenizer_dir, tmp_path):
                  "model.decoder_num_heads": 2, "data.image_size": 16, "batch_size": 8,
                  "total_steps": 2, "log_every": 1, "eval.num_examples": 8,
                  "tokenizer_workdir": tokenizer_dir, "train_tokenizer_if_missing": False,
-                 "mesh.data": 1}
+                 "mesh.data": 1, "generate_stage.num_samples": 20,
+                 "generate_stage.batch_size": 10, "generate_stage.sampling.num_steps": 2,
+                 "generate_stage.classifier_measures.train_steps": 20,
+                 "generate_stage.classifier_measures.cache_dir": str(tmp_path / "cache")}
     tok = tiny_tokenizer_config().tokenizer
     overrides.update({f"tokenizer.{k}": v for k, v in tok.items() if k != "ch_mult"})
     args = [f"--config.{k}={v}" for k, v in overrides.items()]
@@ -152,3 +155,8 @@ def test_demo_command_logs_the_summary(tokenizer_dir, tmp_path):
     log = result.stderr
     assert "Run summary" in log and "test PSNR" in log and "test masked-token accuracy" in log
     assert os.path.join(str(tmp_path), "predictions.png") in log
+    # ... then it samples from the model and measures the samples (sample_when_done).
+    grid = os.path.join(str(tmp_path), "generate", "samples_grid.png")
+    assert os.path.exists(grid) and f"samples    {grid}" in log
+    assert "classifier Frechet distance" in log and "random tokens" in log
+    assert len(os.listdir(os.path.join(str(tmp_path), "generate", "samples"))) == 20
