@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -18,17 +18,21 @@ NPZ_KEY = "images"
 
 @dataclasses.dataclass(frozen=True)
 class ImageSet:
-    """``num_images`` images of ``shape`` (H, W, 3); either ``files`` or ``array``."""
+    """``num_images`` images of ``shape`` (H, W, 3): ``files``, ``array`` or ``read(i)``."""
     source: str
     num_images: int
     shape: tuple[int, int, int]
     files: tuple[pathlib.Path, ...] = ()
     array: np.ndarray | None = None
+    read: Callable[[int], np.ndarray] | None = None
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, self.num_images, batch_size):
             if self.array is not None:
                 yield self.array[start:start + batch_size]
+            elif self.read is not None:
+                stop = min(start + batch_size, self.num_images)
+                yield np.stack([self.read(i) for i in range(start, stop)])
             else:
                 yield np.stack([_read_rgb(f) for f in self.files[start:start + batch_size]])
 
@@ -78,6 +82,29 @@ def open_npz(path) -> ImageSet:
     if len(images) == 0:
         raise ValueError(f"{path}['{NPZ_KEY}'] holds no images.")
     return ImageSet(str(path), len(images), tuple(images.shape[1:]), array=images)
+
+
+def open_tfds(spec: str, image_size: int, data_dir: str | None = None,
+              manual_dir: str | None = None, limit: int = -1) -> ImageSet:
+    """``name:split`` of a TFDS dataset (or ``folder`` with ``manual_dir``), each image's
+    shorter side resized to ``image_size`` (bicubic) and center-cropped: the reference
+    images of MAGE's FID (ImageNet validation at 256 px). ``limit`` > 0: the first images."""
+    from mage_jax import config_defaults
+    from mage_jax.data import augment, datasets
+    name, _, split = spec.partition(":")
+    if not name or not split:
+        raise ValueError(f"--tfds={spec!r} must be NAME:SPLIT, e.g. imagenet2012:validation.")
+    data_cfg = config_defaults.data_config(name, image_size=image_size)
+    data_cfg.update(data_dir=data_dir, manual_dir=manual_dir)
+    datasets.check_dataset(data_cfg, split)  # names the preparation command when missing
+    source = datasets.open_source(data_cfg, split)
+    count = len(source) if limit <= 0 else min(limit, len(source))
+
+    def read(index: int) -> np.ndarray:
+        view = augment.resize_center_crop(source[index]["image"], image_size,
+                                          crop_fraction=1.0, interpolation="bicubic")
+        return np.clip(np.round(view * 255.0), 0, 255).astype(np.uint8)
+    return ImageSet(f"{name}:{split}", count, (image_size, image_size, 3), read=read)
 
 
 def open_images(path) -> ImageSet:

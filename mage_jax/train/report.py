@@ -58,6 +58,8 @@ def _samples_line(generate_workdir: str) -> str | None:
         line += (f"; classifier Frechet distance {last['fd_samples']:.2f} for "
                  f"{int(last['num_samples'])} samples (real images {last['fd_real']:.2f}, "
                  f"random tokens {last['fd_random_tokens']:.2f})")
+    if "cond_accuracy" in last:
+        line += f"; {100 * last['cond_accuracy']:.1f}% recognised as their class"
     return line
 
 

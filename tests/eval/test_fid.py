@@ -296,3 +296,19 @@ def test_score_command_on_a_tiny_npz(tmp_path, inception_fixture, capsys):
     assert saved_n == n
     np.testing.assert_allclose(mu, pool_b.astype(np.float64).mean(0), atol=1e-4)
     np.testing.assert_allclose(sigma, np.cov(pool_b.astype(np.float64), rowvar=False), atol=1e-4)
+
+
+def test_tfds_reference_images_are_resized_center_crops():
+    from mage_jax import config_defaults
+    from mage_jax.data import datasets
+    image_set = images.open_tfds("fashion_mnist:test", 28, limit=5)
+    assert image_set.num_images == 5 and image_set.shape == (28, 28, 3)
+    batch = next(image_set.batches(5))
+    raw = datasets.open_source(config_defaults.data_config("fashion_mnist", 28), "test")
+    # At the native size nothing is resized or cropped: the raw pixels, grey as RGB.
+    for i in range(5):
+        np.testing.assert_array_equal(batch[i], np.repeat(raw[i]["image"].reshape(28, 28, 1), 3, -1))
+    small = next(images.open_tfds("fashion_mnist:test", 16, limit=2).batches(2))
+    assert small.shape == (2, 16, 16, 3) and small.dtype == np.uint8
+    with pytest.raises(ValueError, match="NAME:SPLIT"):
+        images.open_tfds("fashion_mnist", 16)
