@@ -128,13 +128,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.log_every = 50
         config.checkpoint_every = 500
         config.image_summary_every = 500
-        config.eval.num_examples = 1000
+        config.eval.num_examples = 500
         # Then sample from the trained model (configs/generate.py:demo, fewer samples) and
         # measure the samples offline, into <workdir>/generate (mage_jax/main.py).
         config.sample_when_done = True
         config.generate_stage = _stage_config("generate", "demo")
-        config.generate_stage.num_samples = 500
-        config.generate_stage.classifier_measures.train_steps = 200  # ~20 s, once per machine
+        config.generate_stage.num_samples = 400
+        config.generate_stage.classifier_measures.train_steps = 150  # ~17 s, once per machine
     if "class_conditional" in presets:
         if demo:  # its samples: every class in turn, with guidance
             config.generate_stage.sampling.update(class_label=-2, num_classes=10,
