@@ -136,13 +136,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.generate_stage.num_samples = 400
         config.generate_stage.classifier_measures.train_steps = 150  # ~17 s, once per machine
     if "class_conditional" in presets:
-        if demo:  # its samples: every class in turn, with guidance
-            config.generate_stage.sampling.update(class_label=-2, num_classes=10,
-                                                  guidance_scale=1.0)
         # ImageNet's 1000 classes do not fit the 999 free class ids: the stage says so
         # before compiling; a dataset of up to 999 classes sets num_classes.
         # A short fine-tune on the pretrained weights: warm-up, then cosine to 0.
         if demo:
+            # Its samples: every class in turn, with guidance.
+            config.generate_stage.sampling.update(class_label=-2, num_classes=10,
+                                                  guidance_scale=1.0)
             config.class_conditional.num_classes = 10
             config.total_steps = 300
             config.optimizer.update(blr=1.2e-2, warmup_epochs=0.005,
