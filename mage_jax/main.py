@@ -71,6 +71,9 @@ def run(config, workdir: str):
     from mage_jax.generate import stage as generate
     if config.get("stage") == "generate":
         return generate.run(config, workdir)
+    if config.get("stage") == "probe":
+        from mage_jax.probe import linear
+        return linear.run(config, workdir)
     from mage_jax.train import report, stages
     if not config.get("sample_when_done", False):
         return stages.run(config, workdir)

@@ -39,3 +39,23 @@ def adamw(schedule: optax.Schedule, *, b1: float, b2: float, weight_decay: float
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
                              mask=decay_mask))
     return optax.chain(*parts)
+
+
+def lars(schedule: optax.Schedule, *, momentum: float = 0.9, trust_coefficient: float = 0.001,
+         weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """LARS as MAE's ``util/lars.py`` (the official linear probe's optimiser).
+
+    Per matrix (``ndim > 1``; biases and norm parameters are left alone): ``g += wd * p``,
+    then ``g *= trust * |p| / |g|`` (1 where either norm is 0); then for every parameter
+    ``mu = momentum * mu + g`` and ``p -= lr * mu``. optax's stock ``lars`` multiplies by
+    the learning rate *before* the momentum, which differs whenever the lr changes
+    (warm-up, cosine), so this is built from optax's own transforms in MAE's order.
+    """
+    def adapted(params):
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    return optax.chain(
+        optax.masked(optax.add_decayed_weights(weight_decay), adapted),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), adapted),
+        optax.trace(decay=momentum, nesterov=False),
+        optax.scale_by_learning_rate(schedule))

@@ -45,3 +45,19 @@ def inception_fixture():
         arrays = {k: data[k] for k in data.files}
     arrays["meta"] = json.loads(str(arrays.pop("meta_json")))
     return arrays
+
+
+@pytest.fixture(scope="session")
+def pretrain_dir(tmp_path_factory):
+    """A 2-step tiny pretraining run (its tokenizer trained first, inside the run), shared
+    by the stages that read a trained MAGE (generate, probe, few-shot)."""
+    import jax
+    from mage_jax.train import stages
+    from tests.tiny_configs import tiny_pretrain_config
+    workdir = tmp_path_factory.mktemp("pretrain")
+    config = tiny_pretrain_config(total_steps=2)
+    config.tokenizer_stage.total_steps = 2
+    config.eval.num_examples = 0
+    config.image_summary_every = 0
+    stages.run(config, str(workdir), devices=jax.devices()[:1], summarize=False)
+    return str(workdir)

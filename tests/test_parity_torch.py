@@ -211,3 +211,19 @@ def test_unknown_key_is_rejected(mage_torch_fixture):
     sd = {"module." + k: v for k, v in _state_dict(mage_torch_fixture).items()}
     with pytest.raises(ValueError, match="module."):
         convert_mage(sd, num_heads=meta["num_heads"], decoder_num_heads=meta["decoder_num_heads"])
+
+
+def test_probe_features_from_images(built, tokenizer, images, mage_torch_fixture):
+    """The probe's whole feature path (tokenizer -> encoder -> mean -> fc_norm) against the
+    official pooled features put through torch's LayerNorm without affine (the fresh,
+    frozen fc_norm of main_linprobe.py)."""
+    import torch
+    from mage_jax.probe.features import FeatureExtractor
+    model, params, _ = built
+    tok_model, tok_params = tokenizer
+    extractor = FeatureExtractor("encoder", model, tok_model, images.shape[1])
+    feats = jax.jit(extractor.features)({"mage": params, "tokenizer": tok_params["params"]},
+                                      images)
+    pooled = torch.from_numpy(mage_torch_fixture["probe/pooled_features"])
+    expected = torch.nn.functional.layer_norm(pooled, pooled.shape[-1:], eps=1e-6).numpy()
+    _close(feats, expected)

@@ -47,3 +47,12 @@ def tiny_pretrain_config(total_steps: int = 4, arg: str = "demo"):
                         decoder_depth=1, decoder_num_heads=2, dropout_rate=0.1)
     config.contrastive.update(proj_hidden_dim=32, proj_dim=16)
     return _tiny_run(config, total_steps)
+
+
+def tiny_probe_config(pretrain_dir: str, total_steps: int = 4):
+    """The probe demo on the tiny pretraining run (16 px), with both baselines."""
+    config = load_config("probe", "demo")
+    config.pretrain_workdir = pretrain_dir
+    config = _tiny_run(config, total_steps)
+    config.image_summary_every = 0
+    return config

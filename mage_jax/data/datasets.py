@@ -198,3 +198,21 @@ def open_source(data_cfg, split: str):
         fashion_mnist.prepare_fashion_mnist(
             data_dir, data_cfg.get("fashion_mnist_dir") or fashion_mnist.DEFAULT_DIR)
     return tfds.data_source(data_cfg.name, split=split, data_dir=data_dir, download=False)
+
+
+def num_classes(data_cfg, split: str) -> int:
+    """How many classes the labels of ``split`` have (the probe and few-shot stages need
+    labels): the class subfolders of a folder dataset, the ``label`` ClassLabel of a TFDS
+    one. Raises ``DatasetNotFoundError`` for a dataset without class labels."""
+    source = open_source(data_cfg, split)
+    if isinstance(source, FolderSource):
+        return len(source.classes)
+    features = source.dataset_info.features
+    label = features["label"] if "label" in features else None
+    count = getattr(label, "num_classes", None)
+    if not count:
+        raise DatasetNotFoundError(
+            f"dataset {data_cfg.name!r} has no class labels (its features: {sorted(features)}); "
+            f"classification needs a labelled dataset with a `label` ClassLabel feature, e.g. "
+            f"imagenet2012, fashion_mnist, cifar10, or a folder of class subfolders.")
+    return int(count)

@@ -57,6 +57,9 @@ class Stage:
     # Fine-tuning: (freshly initialised state) -> state with pretrained weights put in. Runs
     # once, at step 0; a resumed run reads its own checkpoint instead.
     warm_start: Callable[[State], State] | None = None
+    # (frozen, mesh) -> frozen on the mesh; default: replicated. A frozen ViT-L encoder
+    # (the probe) is placed by the sharding rules instead.
+    place_frozen: Callable[[Any, Any], Any] | None = None
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -119,7 +122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
         state = init(init_rng)
         if stage.warm_start is not None:
             state = stage.warm_start(state)
-    frozen = _place_frozen(stage.frozen, mesh)
+    frozen = (stage.place_frozen(stage.frozen, mesh) if stage.place_frozen is not None
+              else _place_frozen(stage.frozen, mesh))
 
     # ----------------------------------------------------------------- compile
     def step_fn(state, batch, frozen):

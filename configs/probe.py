@@ -1,0 +1,69 @@
+"""Stage `probe`: linear probe on the frozen MAGE encoder (the official main_linprobe.py).
+
+Arguments (comma separated):
+  vit_b   MAGE ViT-B on ImageNet at 256 px: blr 0.1, batch 16384, 90 epochs, 10 warm-up
+          (the official README; the default)
+  vit_l   MAGE ViT-L: the same with blr 0.05
+  demo    the Fashion-MNIST demo model; also probes a randomly initialised encoder and the
+          raw pixels under the same recipe (`random_init_top1`, `pixels_top1`)
+
+The encoder, its sizes and its tokenizer come from `config.pretrain_workdir`: a pretraining
+run's workdir or converted official weights (`python -m mage_jax.convert mage ...`).
+
+    python -m mage_jax.main --config=configs/probe.py:vit_b --workdir=/tmp/probe \
+        --config.pretrain_workdir=/ckpt/mage-vitb --config.data.data_dir=/data/tfds
+"""
+import ml_collections
+
+from mage_jax import config_defaults
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+FASHION_MNIST_TRAIN_EXAMPLES = 60_000
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    presets = config_defaults.parse_args(arg, known=("vit_b", "vit_l", "demo"))
+    demo = "demo" in presets
+    config = config_defaults.base_config("probe")
+    config.pretrain_workdir = ""
+    config.model_dtype = "float32"  # compute dtype of the frozen encoder and tokenizer
+    # What the head reads: `encoder` (the pretrained MAGE), `random_init` (the same
+    # architecture, untrained) or `pixels` (the flattened image). Each of `baselines` is
+    # probed afterwards in <workdir>/<name> and reported as <name>_top1 / <name>_top5.
+    config.features = "encoder"
+    config.baselines = ()
+    config.num_classes = -1        # -1: the dataset's class count; else it must match
+    # BatchNorm without affine parameters (eps 1e-6), then a linear layer (std 0.01).
+    config.head = ml_collections.ConfigDict(dict(bn_eps=1e-6, init_std=0.01))
+    # MAE's LARS: lr = blr * batch / 256, momentum 0.9, trust coefficient 0.001, no weight
+    # decay; 10 warm-up epochs then a cosine to 0 at 90 epochs.
+    config.optimizer = ml_collections.ConfigDict(dict(
+        blr=0.05 if "vit_l" in presets else 0.1, momentum=0.9, trust_coefficient=0.001,
+        weight_decay=0.0, warmup_epochs=10.0, epochs=90.0))
+    config.num_train_examples = IMAGENET_TRAIN_EXAMPLES
+    config.batch_size = 16384
+    # Training views: RandomResizedCrop(256, scale=(0.2, 1), bicubic) + flip; evaluation:
+    # resize to 292 (bicubic), center crop 256; top-1/top-5 on the whole validation split.
+    config.data = config_defaults.data_config("imagenet2012", image_size=256)
+    config.data.interpolation = "bicubic"
+    config.eval.num_examples = -1
+    config.log_every = 100
+    config.checkpoint_every = 1000
+    config.image_summary_every = 0
+
+    if demo:
+        # The demo MAGE (configs/pretrain.py:demo) saw whole 32 px garments, never crops:
+        # the probe reads the same views.
+        config.data = config_defaults.data_config("fashion_mnist", image_size=32)
+        config.data.crop_scale = (1.0, 1.0)
+        config.data.eval_crop_fraction = 1.0
+        config.data.eval_interpolation = "bilinear"
+        config.baselines = ("random_init", "pixels")
+        config.num_train_examples = FASHION_MNIST_TRAIN_EXAMPLES
+        config.batch_size = 256
+        config.optimizer.update(blr=0.1, warmup_epochs=0.5, epochs=3.0)
+        config.log_every = 50
+        config.checkpoint_every = 500
+    steps_per_epoch = config.num_train_examples // config.batch_size
+    config.total_steps = int(config.optimizer.epochs * steps_per_epoch)
+    return config
