@@ -72,8 +72,8 @@ def run(config, workdir: str):
     if config.get("stage") == "generate":
         return generate.run(config, workdir)
     if config.get("stage") == "probe":
-        from mage_jax.probe import linear
-        return linear.run(config, workdir)
+        from mage_jax.probe import stage as probe
+        return probe.run(config, workdir)
     from mage_jax.train import report, stages
     if not config.get("sample_when_done", False):
         return stages.run(config, workdir)

@@ -55,4 +55,5 @@ def tiny_probe_config(pretrain_dir: str, total_steps: int = 4):
     config.pretrain_workdir = pretrain_dir
     config = _tiny_run(config, total_steps)
     config.image_summary_every = 0
+    config.data.train_split = "train[:200]"  # what cache_features reads
     return config

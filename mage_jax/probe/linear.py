@@ -1,32 +1,21 @@
-"""Stage `probe`: a linear classifier on the frozen encoder's features (MAE's protocol).
-
-    python -m mage_jax.main --config=configs/probe.py:demo --workdir=DIR \
-        --config.pretrain_workdir=workdirs/demo
+"""The linear probe on features of augmented views, computed in the step (MAE's protocol).
 
 The encoder (MAGE from ``config.pretrain_workdir``: a run or converted official weights)
 and its tokenizer are frozen inputs of the jitted step, placed by the pretraining sharding
 rules; the features are computed under ``stop_gradient`` from the augmented batch; only
 the head (``probe/head.py``) has parameters and LARS state. At the last step the head is
-scored on the whole evaluation split: ``top1`` and ``top5`` in ``metrics.jsonl``.
-
-``config.baselines`` names other feature sources probed the same way in
-``<workdir>/<source>`` (``random_init``: the same MAGE randomly initialised; ``pixels``:
-the flattened image), whose ``top1``/``top5`` come back as ``<source>_top1``/``_top5``
-in this run's metrics: what pretraining bought, measured under one recipe.
+scored on the evaluation split: ``top1`` and ``top5`` in ``metrics.jsonl``. ``Probe`` (head
+and optimiser) is shared with the cached-feature path (``cached.py``).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from absl import logging
 
-from mage_jax import metrics as metrics_lib
 from mage_jax import optim, pretrained, sharding, validation
 from mage_jax.data import datasets
 from mage_jax.probe import features as features_lib
@@ -77,63 +66,80 @@ def _schedule(config) -> optax.Schedule:
                                int(opt.epochs * steps_per_epoch))
 
 
-def build_stage(config: ml_collections.ConfigDict, source: str | None = None) -> loop.Stage:
-    """The probe `Stage` for ``source`` (default ``config.features``); reads the encoder."""
-    source = source or config.features
-    classes = num_classes(config)
-    extractor, frozen = extractor_and_params(config, source)
-    head = ProbeHead(classes, float(config.head.bn_eps), float(config.head.init_std))
-    schedule = _schedule(config)
-    opt = config.optimizer
-    tx = optim.lars(schedule, momentum=opt.momentum, trust_coefficient=opt.trust_coefficient,
-                    weight_decay=opt.weight_decay)
+class Probe:
+    """The head and its optimiser: what is trained, whatever computes the features."""
 
-    def init_state(rng):
-        variables = head.init(rng, jnp.zeros((1, extractor.dim)), train=False)
+    def __init__(self, config, classes: int, dim: int):
+        self.classes, self.dim = classes, dim
+        self.head = ProbeHead(classes, float(config.head.bn_eps), float(config.head.init_std))
+        self.schedule = _schedule(config)
+        opt = config.optimizer
+        self.tx = optim.lars(self.schedule, momentum=opt.momentum,
+                             trust_coefficient=opt.trust_coefficient,
+                             weight_decay=opt.weight_decay)
+
+    def init_state(self, rng):
+        variables = self.head.init(rng, jnp.zeros((1, self.dim)), train=False)
         params = {"head": variables["params"]}
         return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "batch_stats": variables["batch_stats"], "opt_state": tx.init(params)}
+                "batch_stats": variables["batch_stats"], "opt_state": self.tx.init(params)}
 
-    def train_step(state, batch, rng, frozen_params):
-        feats = extractor.features(frozen_params, batch["image"])
-
+    def step(self, state, feats, labels):
+        """One LARS step on a batch of features (BatchNorm in training mode)."""
         def loss_fn(params):
-            logits, updates = head.apply(
+            logits, updates = self.head.apply(
                 {"params": params["head"], "batch_stats": state["batch_stats"]}, feats,
                 train=True, mutable=["batch_stats"])
-            labels = batch["label"]
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, (updates["batch_stats"], topk_correct(logits, labels, 1).mean())
 
         (loss, (batch_stats, top1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "train_top1": top1, "lr": schedule(state["step"])}
+        metrics = {"loss": loss, "train_top1": top1, "lr": self.schedule(state["step"])}
         return {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
                 "opt_state": opt_state}, metrics
 
-    def evaluate(state, frozen_params, mesh, workdir):
-        """Top-1 / top-5 on the evaluation split (running BatchNorm statistics)."""
-        k = min(5, classes)
+    def score(self, state, feats, labels, weight):
+        """Sums of correct top-1 / top-5 predictions (running BatchNorm statistics)."""
+        logits = self.head.apply({"params": state["params"]["head"],
+                                  "batch_stats": state["batch_stats"]}, feats, train=False)
+        weight = weight.astype(jnp.float32)
+        k = min(5, self.classes)
+        return {"count": weight.sum(), "top1": (topk_correct(logits, labels, 1) * weight).sum(),
+                "top5": (topk_correct(logits, labels, k) * weight).sum()}
 
+
+def ratios(totals: dict) -> dict:
+    """top1 / top5 from summed counts, with the number of scored examples."""
+    count = max(totals.get("count", 0.0), 1.0)
+    return {"top1": totals.get("top1", 0.0) / count, "top5": totals.get("top5", 0.0) / count,
+            "test_examples": totals.get("count", 0.0)}
+
+
+def build_stage(config: ml_collections.ConfigDict, source: str | None = None) -> loop.Stage:
+    """The probe `Stage` for ``source`` (default ``config.features``); reads the encoder."""
+    source = source or config.features
+    classes = num_classes(config)
+    extractor, frozen = extractor_and_params(config, source)
+    probe = Probe(config, classes, extractor.dim)
+
+    def train_step(state, batch, rng, frozen_params):
+        return probe.step(state, extractor.features(frozen_params, batch["image"]),
+                          batch["label"])
+
+    def evaluate(state, frozen_params, mesh, workdir):
         @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
         def score(state, batch, frozen_params):
             feats = extractor.features(frozen_params, batch["image"])
-            logits = head.apply({"params": state["params"]["head"],
-                                 "batch_stats": state["batch_stats"]}, feats, train=False)
-            weight = batch["mask"].astype(jnp.float32)
-            return {"count": weight.sum(),
-                    "top1": (topk_correct(logits, batch["label"], 1) * weight).sum(),
-                    "top5": (topk_correct(logits, batch["label"], k) * weight).sum()}
+            return probe.score(state, feats, batch["label"], batch["mask"])
 
         totals = {}
         for batch in evaluation.test_batches(config, mesh):
             sums = jax.device_get(score(state, batch, frozen_params))
             totals = {key: totals.get(key, 0.0) + float(v) for key, v in sums.items()}
-        count = max(totals.get("count", 0.0), 1.0)
-        return {"top1": totals.get("top1", 0.0) / count, "top5": totals.get("top5", 0.0) / count,
-                "test_examples": totals.get("count", 0.0)}, {}
+        return ratios(totals), {}
 
     def check():
         if int(config.batch_size) < 2:
@@ -141,53 +147,10 @@ def build_stage(config: ml_collections.ConfigDict, source: str | None = None) ->
                 f"config.batch_size={config.batch_size}: the probe's BatchNorm needs at least "
                 f"2 examples per batch.")
 
-    return loop.Stage(init_state=init_state, train_step=train_step, frozen=frozen,
+    return loop.Stage(init_state=probe.init_state, train_step=train_step, frozen=frozen,
                       check=check, evaluate=evaluate,
                       place_frozen=functools.partial(_place, extractor))
 
 
 def _place(extractor, frozen, mesh):
     return extractor.place(frozen, mesh)
-
-
-def _final_scores(workdir: str) -> dict:
-    records = metrics_lib.read_metrics(workdir)
-    return {k: v for r in records for k, v in r.items() if k in ("top1", "top5")}
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
-    """Probes ``config.features``, then each of ``config.baselines``; returns the scores."""
-    for source in (config.features, *config.baselines):
-        if source not in features_lib.FEATURE_SOURCES:
-            raise validation.ConfigError(
-                f"feature source {source!r} (config.features / config.baselines) is unknown; "
-                f"expected one of {list(features_lib.FEATURE_SOURCES)}.")
-    validation.validate_training_config(config, workdir)
-    num_classes(config)  # a dataset without labels stops here, before any checkpoint is read
-    loop.train_and_evaluate(config, workdir, build_stage(config), devices)
-    scores = _final_scores(workdir)
-    extra = {}
-    for source in config.baselines:
-        sub = ml_collections.ConfigDict(config.to_dict())
-        sub.features, sub.baselines = source, ()
-        sub_dir = os.path.join(workdir, source)
-        loop.train_and_evaluate(sub, sub_dir, build_stage(sub), devices)
-        extra.update({f"{source}_{k}": v for k, v in _final_scores(sub_dir).items()})
-    if extra:
-        writer = metrics_lib.create_writer(workdir)
-        writer.write_scalars(int(config.total_steps), extra)
-        writer.flush()
-    scores.update(extra)
-    logging.info("\n%s", summary(config, workdir, scores))
-    return scores
-
-
-def summary(config, workdir: str, scores: dict) -> str:
-    lines = [f"Linear probe ({config.features} features) on {config.data.name}: "
-             f"top-1 {100 * scores.get('top1', float('nan')):.1f}%, "
-             f"top-5 {100 * scores.get('top5', float('nan')):.1f}% ({workdir})"]
-    for source in config.baselines:
-        if f"{source}_top1" in scores:
-            lines.append(f"  the same probe on {source.replace('_', ' ')} features: top-1 "
-                         f"{100 * scores[f'{source}_top1']:.1f}% ({os.path.join(workdir, source)})")
-    return "\n".join(lines)
