@@ -95,6 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         blr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05,
         warmup_epochs=40.0, epochs=1600.0, grad_clip_norm=3.0,
     ))
+    # Evaluators during training (mage_jax/evaluators.py): {name: {type, every, ...}}, run on
+    # the training mesh every `every` steps and at the last step, logged as <name>/<key>.
+    config.evals = ml_collections.ConfigDict()
     config.num_train_examples = IMAGENET_TRAIN_EXAMPLES
     config.batch_size = 4096
     config.data = config_defaults.data_config("imagenet2012", image_size=256)
@@ -135,6 +138,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.generate_stage = _stage_config("generate", "demo")
         config.generate_stage.num_samples = 400
         config.generate_stage.classifier_measures.train_steps = 150  # ~17 s, once per machine
+        # The representation and the samples as training goes (about 10 s each time).
+        fewshot = _stage_config("fewshot", "demo").fewshot
+        fewshot.update(datasets={"fashion_mnist": ("train[:1000]", "test[:500]")}, seeds=2)
+        config.evals.fewshot = ml_collections.ConfigDict(dict(type="fewshot", every=500,
+                                                              **fewshot.to_dict()))
+        config.evals.samples = ml_collections.ConfigDict(dict(
+            type="samples", every=500, num_samples=64, num_steps=8, choice_temperature=4.5,
+            num_classes=10, classifier_train_steps=150,
+            classifier_cache_dir=""))  # "": beside the TFDS data
     if "class_conditional" in presets:
         # ImageNet's 1000 classes do not fit the 999 free class ids: the stage says so
         # before compiling; a dataset of up to 999 classes sets num_classes.

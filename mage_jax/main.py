@@ -71,14 +71,16 @@ def run(config, workdir: str):
     from mage_jax.generate import stage as generate
     if config.get("stage") == "generate":
         return generate.run(config, workdir)
-    if config.get("stage") == "probe":
+    if config.get("stage") in ("probe", "fewshot"):
         from mage_jax.probe import stage as probe
-        return probe.run(config, workdir)
+        return (probe.run if config.stage == "probe" else probe.run_fewshot)(config, workdir)
+    from mage_jax import evaluators as evaluators_lib
     from mage_jax.train import report, stages
+    evaluators = evaluators_lib.build(config)  # config.evals: checked before compiling
     if not config.get("sample_when_done", False):
-        return stages.run(config, workdir)
+        return stages.run(config, workdir, evaluators=evaluators)
     started = time.perf_counter()
-    state = stages.run(config, workdir, summarize=False)
+    state = stages.run(config, workdir, summarize=False, evaluators=evaluators)
     if int(state["step"]) >= config.total_steps:  # not preempted: the model is finished
         sampling = ml_collections.ConfigDict(config.generate_stage.to_dict())
         sampling.pretrain_workdir = workdir

@@ -57,3 +57,10 @@ def tiny_probe_config(pretrain_dir: str, total_steps: int = 4):
     config.image_summary_every = 0
     config.data.train_split = "train[:200]"  # what cache_features reads
     return config
+
+
+def tiny_fewshot_task(train_split: str = "train[:200]", test_split: str = "test[:40]"):
+    """Few-shot on tiny splits: 1 and 5 shots, two seeds, batches of 8."""
+    import ml_collections
+    return ml_collections.ConfigDict(dict(datasets={"fashion_mnist": (train_split, test_split)},
+                                          shots=(1, 5), seeds=2, batch_size=8))

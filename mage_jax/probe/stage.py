@@ -64,3 +64,34 @@ def summary(config, workdir: str, scores: dict) -> str:
             lines.append(f"  the same probe on {source.replace('_', ' ')} features: top-1 "
                          f"{100 * scores[f'{source}_top1']:.1f}% ({os.path.join(workdir, source)})")
     return "\n".join(lines)
+
+
+def run_fewshot(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+    """Stage `fewshot`: the few-shot task of ``config`` on the MAGE of
+    ``config.pretrain_workdir``; ``<dataset>_<k>shot`` in metrics.jsonl at its step."""
+    import jax
+    from mage_jax import pretrained, sharding
+    from mage_jax.probe import fewshot
+    validation.validate_workdir(workdir)
+    pre = pretrained.load(config.pretrain_workdir, dtype=config.model_dtype)
+    task = fewshot.FewshotTask.from_config(config.fewshot, config.data, pre.image_size)
+    task.check()
+    mesh = sharding.make_mesh(config.mesh, devices)
+    validation.validate_batch(ml_collections.ConfigDict(
+        {"batch_size": config.fewshot.batch_size}), mesh)
+    jax.set_mesh(mesh)
+    extractor = features_lib.FeatureExtractor("encoder", pre.model, pre.tokenizer,
+                                              pre.image_size)
+    used = extractor.abstract_mage()
+    params = extractor.place({"mage": {k: pre.params[k] for k in used},
+                              "tokenizer": pre.tokenizer_params}, mesh)
+    scores = task.evaluate(pre.model, pre.tokenizer, params, mesh)
+    writer = metrics_lib.create_writer(workdir)
+    writer.write_scalars(pre.step, scores)
+    writer.flush()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    logging.info("\nFew-shot linear evaluation of %s (step %d): %s", config.pretrain_workdir,
+                 pre.step, ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
+    return scores

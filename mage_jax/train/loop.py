@@ -62,6 +62,20 @@ class Stage:
     place_frozen: Callable[[Any, Any], Any] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """A periodic measurement during training (big_vision style: data in ``config.evals``).
+
+    ``run(state, frozen, mesh, step) -> (scalars, images)`` reads the train state and the
+    frozen inputs on the training mesh (its own jitted functions: the train step is never
+    recompiled); the loop logs them as ``<name>/<key>`` every ``every`` steps and at the
+    last step.
+    """
+    name: str
+    every: int
+    run: Callable[..., tuple[Mapping[str, float], Mapping[str, Any]]]
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -86,9 +100,10 @@ def abstract_train_state(stage: Stage, mesh, init_rng) -> tuple[State, State]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
-                       devices=None) -> State:
+                       devices=None, evaluators: tuple[Evaluator, ...] = ()) -> State:
     """Trains ``stage`` to ``config.total_steps`` on ``devices`` (default: all), resuming
-    from the newest checkpoint in ``workdir``; returns the final state."""
+    from the newest checkpoint in ``workdir``, running ``evaluators`` at their periods;
+    returns the final state."""
     # ---------------------------------------------------------------- validate
     validation.validate_training_config(config, workdir)
     if stage.check is not None:
@@ -157,6 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             if summarize is not None and step % config.image_summary_every == 0:
                 images = jax.device_get(summarize(state, batch, frozen))
                 writer.write_images(step, {k: np.asarray(v) for k, v in images.items()})
+            for evaluator in evaluators:
+                if step % evaluator.every == 0 or step == config.total_steps:
+                    _run_evaluator(writer, evaluator, state, frozen, mesh, step)
             preempted = checkpointer.reached_preemption(step)
             if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
                 _check_finite(step, step_metrics)
@@ -178,6 +196,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     if last_metrics is not None:
         logging.info("Finished at step %d: %s", config.total_steps, last_metrics)
     return state
+
+
+def _run_evaluator(writer, evaluator: Evaluator, state, frozen, mesh, step: int) -> None:
+    started = time.perf_counter()
+    scalars, images = evaluator.run(state, frozen, mesh, step)
+    scalars = {f"{evaluator.name}/{k}": float(v) for k, v in scalars.items()}
+    scalars[f"{evaluator.name}/seconds"] = time.perf_counter() - started
+    writer.write_scalars(step, scalars)
+    if images:
+        writer.write_images(step, {f"{evaluator.name}/{k}": np.asarray(v)
+                                   for k, v in images.items()})
 
 
 def _check_finite(step: int, step_metrics) -> float:

@@ -20,9 +20,12 @@ def _pretrain(config, workdir, devices):
 STAGES = {"tokenizer": _tokenizer, "pretrain": _pretrain}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, devices=None, summarize=True):
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None, summarize=True,
+        evaluators=()):
     """Trains the stage ``config.stage`` names in ``workdir`` on ``devices`` (default: all),
-    then logs a short summary (scores, pictures, next commands; train/report.py)."""
+    running ``evaluators`` (loop.Evaluator, built by mage_jax/evaluators.py from
+    ``config.evals``) at their periods, then logs a short summary (scores, pictures, next
+    commands; train/report.py)."""
     from mage_jax.train import loop, report
     started = time.perf_counter()
     if config.get("stage") not in STAGES:
@@ -30,7 +33,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None, summarize
             f"config.stage={config.get('stage')!r} is not a training stage; expected one of "
             f"{sorted(STAGES)} (configs/<stage>.py sets it).")
     stage = STAGES[config.stage](config, workdir, devices)
-    state = loop.train_and_evaluate(config, workdir, stage, devices)
+    state = loop.train_and_evaluate(config, workdir, stage, devices, tuple(evaluators))
     if not summarize:
         return state
     logging.info("\n%s", report.summary(config, workdir, tokenizer_workdir(config, workdir),
