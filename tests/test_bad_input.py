@@ -12,7 +12,6 @@ Three real tiny runs are shared by the module: a tokenizer (2 steps), a MAGE pre
 import contextlib
 import logging
 import math
-import os
 import pathlib
 import subprocess
 import sys

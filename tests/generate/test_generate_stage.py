@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mage_jax import metrics, validation
+from mage_jax import metrics
 from mage_jax.generate import stage as generate
 from tests.tiny_configs import load_config
 

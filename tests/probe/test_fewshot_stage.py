@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mage_jax import evaluators, main, metrics, pretrained, validation
+from mage_jax import main, metrics, pretrained, validation
 from mage_jax.data import augment, datasets
 from mage_jax.eval import fewshot as lsr
 from mage_jax.probe import stage as probe_stage
