@@ -34,8 +34,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.fewshot = fewshot_task({"imagenet2012": ("train[:100000]", "validation")}, 1024)
     if "demo" in presets:
         # The demo MAGE's views: whole 32 px garments.
-        config.data = config_defaults.data_config("fashion_mnist", image_size=32)
-        config.data.eval_crop_fraction = 1.0
-        config.data.eval_interpolation = "bilinear"
+        config.data = config_defaults.demo_data_config()
         config.fewshot = fewshot_task({"fashion_mnist": ("train[:10000]", "test")})
     return config

@@ -111,10 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Whole images, not ImageNet's crops of (0.2, 1) of the area: a fifth of a 28 px
         # garment enlarged to 32 px is a blur whose tokens the demo tokenizer never saw, and
         # in minutes of training MAGE learns much faster without them (docs/demo.md).
-        config.data = config_defaults.data_config("fashion_mnist", image_size=32)
-        config.data.crop_scale = (1.0, 1.0)
-        config.data.eval_crop_fraction = 1.0
-        config.data.eval_interpolation = "bilinear"  # as the training views are resized
+        config.data = config_defaults.demo_data_config()
         config.model.update(embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=128,
                             decoder_depth=2, decoder_num_heads=4, dropout_rate=0.0,
                             explicit_layer_norm_grad=True)

@@ -60,10 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # features of 10,000 training images are computed once (cache_features) and the
         # head trains 30 epochs on them; the test split is scored whole. blr 4.0 was the
         # best of 0.1, 1, 4 and 16 for all three feature sources (docs/demo.md).
-        config.data = config_defaults.data_config("fashion_mnist", image_size=32)
-        config.data.crop_scale = (1.0, 1.0)
-        config.data.eval_crop_fraction = 1.0
-        config.data.eval_interpolation = "bilinear"
+        config.data = config_defaults.demo_data_config()
         config.data.train_split = "train[:10000]"
         config.num_train_examples = 10_000
         config.cache_features = True

@@ -76,10 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # it), no GAN (it sharpens textures over many thousands of steps; in minutes it
         # costs half of every step), Adam with momentum on a cosine schedule, and whole
         # images for training and scoring (Fashion-MNIST frames each garment whole).
-        config.data = config_defaults.data_config("fashion_mnist", image_size=32)
-        config.data.crop_scale = (1.0, 1.0)
-        config.data.eval_crop_fraction = 1.0
-        config.data.eval_interpolation = "bilinear"  # as the training views are resized
+        config.data = config_defaults.demo_data_config()
         config.tokenizer.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=8,
                                 embed_dim=8, codebook_size=256)
         config.discriminator.update(ch=16, ch_mult=(2, 4, 4))

@@ -49,6 +49,17 @@ def data_config(name: str = "imagenet2012", image_size: int = 256) -> ml_collect
     ))
 
 
+def demo_data_config() -> ml_collections.ConfigDict:
+    """The demo's data: Fashion-MNIST at 32 px, whole images (resized, never cropped: a fifth
+    of a 28 px garment enlarged to 32 px is a blur whose tokens the demo tokenizer never
+    saw; docs/demo.md), flipped; evaluation views resized the same way."""
+    config = data_config("fashion_mnist", image_size=32)
+    config.crop_scale = (1.0, 1.0)
+    config.eval_crop_fraction = 1.0
+    config.eval_interpolation = "bilinear"
+    return config
+
+
 def base_config(stage: str) -> ml_collections.ConfigDict:
     """Keys every training stage has, under the names the README documents."""
     config = ml_collections.ConfigDict()

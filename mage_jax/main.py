@@ -71,6 +71,9 @@ def run(config, workdir: str):
     from mage_jax.generate import stage as generate
     if config.get("stage") == "generate":
         return generate.run(config, workdir)
+    if config.get("stage") == "finetune":
+        from mage_jax.finetune import stage as finetune
+        return finetune.run(config, workdir)
     if config.get("stage") in ("probe", "fewshot"):
         from mage_jax.probe import stage as probe
         return (probe.run if config.stage == "probe" else probe.run_fewshot)(config, workdir)

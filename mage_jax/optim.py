@@ -59,3 +59,37 @@ def lars(schedule: optax.Schedule, *, momentum: float = 0.9, trust_coefficient: 
         optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), adapted),
         optax.trace(decay=momentum, nesterov=False),
         optax.scale_by_learning_rate(schedule))
+
+
+def layer_id(path, depth: int) -> int:
+    """The layer of a ViT parameter for layer-wise lr decay (BEiT's rule, as MAE and MAGE's
+    ``util/lr_decay.py``): the token embedding 0, encoder block i i+1, the rest depth+1."""
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    names = [n for n in names if isinstance(n, str) and n != "value"]
+    if names and names[0] == "token_emb":
+        return 0
+    if len(names) > 1 and names[0] == "encoder" and names[1].startswith("block_"):
+        return int(names[1].split("_")[1]) + 1
+    return depth + 1
+
+
+def scale_by_layer_decay(depth: int, decay: float) -> optax.GradientTransformation:
+    """Multiplies each update by ``decay ** (depth + 1 - layer_id)``. Placed after AdamW
+    (whose update already holds lr x (adam + weight decay)), it gives every layer MAE's
+    ``lr_scale``, weight decay included, as torch's per-group lr does."""
+    def scale(updates, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u * decay ** (depth + 1 - layer_id(path, depth)), updates)
+    return optax.stateless(scale)
+
+
+def epoch_schedule(config) -> optax.Schedule:
+    """The MAE-family schedule from a config: lr = ``optimizer.blr`` x batch / 256, linear
+    warm-up for ``optimizer.warmup_epochs``, cosine to 0 at ``optimizer.epochs``, with
+    epochs of ``num_train_examples // batch_size`` steps."""
+    opt = config.optimizer
+    steps_per_epoch = max(config.num_train_examples // config.batch_size, 1)
+    return warmup_cosine(opt.blr * config.batch_size / 256,
+                         int(opt.warmup_epochs * steps_per_epoch),
+                         int(opt.epochs * steps_per_epoch))

@@ -56,3 +56,15 @@ def validate_batch(config: ml_collections.ConfigDict, mesh) -> None:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is not divisible by the "
             f"{jax.process_count()} processes.")
+
+
+def check_num_classes(config) -> int:
+    """The class count of ``config.data``'s training split; ``config.num_classes`` (when not
+    -1) must equal it. A dataset without labels fails here, before anything is compiled."""
+    found = datasets.num_classes(config.data, config.data.train_split)
+    wanted = int(config.num_classes)
+    if wanted != -1 and wanted != found:
+        raise ConfigError(
+            f"config.num_classes={wanted} but {config.data.name} has {found} classes; set "
+            f"--config.num_classes={found} (or -1 to take the dataset's count).")
+    return found

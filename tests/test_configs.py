@@ -26,7 +26,9 @@ from tiny_configs import load_config, tiny_pretrain_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRESETS = [("tokenizer", ""), ("tokenizer", "demo"), ("tokenizer", "paper"),
            ("pretrain", ""), ("pretrain", "vit_b"), ("pretrain", "vit_l"),
-           ("pretrain", "contrastive"), ("pretrain", "demo"), ("pretrain", "vit_l,contrastive")]
+           ("pretrain", "contrastive"), ("pretrain", "demo"), ("pretrain", "vit_l,contrastive"),
+           ("probe", "vit_b"), ("probe", "vit_l"), ("probe", "demo"),
+           ("finetune", "vit_b"), ("finetune", "vit_l"), ("finetune", "demo")]
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
@@ -43,7 +45,8 @@ def test_every_preset_has_the_keys_of_a_training_stage(stage, arg):
     for key in ("name", "data_dir", "image_size", "train_split", "crop_scale", "hflip"):
         assert key in config.data, key
     # The tokenizer's downsampling factor divides the image size: the token grid exists.
-    assert vqgan.token_grid(config.tokenizer, config.data.image_size) >= 1
+    if "tokenizer" in config:  # the stages that read a MAGE take its tokenizer from its run
+        assert vqgan.token_grid(config.tokenizer, config.data.image_size) >= 1
     # Locked as main.py locks it, a misspelt key is an error, not a new field.
     config.lock()
     with pytest.raises(AttributeError, match="batch_size"):
@@ -190,7 +193,7 @@ def test_pretrain_learning_rate_schedule(batch):
     config = load_config("pretrain", "vit_b")
     config.batch_size = batch
     opt = config.optimizer
-    schedule = pretrain._schedule(config)
+    schedule = optim.epoch_schedule(config)
     steps_per_epoch = IMAGENET_TRAIN_EXAMPLES // batch
     warmup, total = 40 * steps_per_epoch, 1600 * steps_per_epoch
     peak = 1.5e-4 * batch / 256
@@ -270,3 +273,29 @@ def test_tokenizer_schedules_constant_and_cosine():
     bad = ml_collections.ConfigDict(dict(demo.optimizer.to_dict(), schedule="linear"))
     with pytest.raises(ValueError, match="schedule='linear'"):
         tokenizer_stage._schedule(bad)
+
+
+@pytest.mark.parametrize("arg, blr", [("vit_b", 0.1), ("vit_l", 0.05)])
+def test_probe_paper_values(arg, blr):
+    """The official README's linear probe: blr 0.1 (ViT-L 0.05), batch 16384, 90 epochs
+    with 10 of warm-up, LARS without weight decay, crops of (0.2, 1) bicubic, eval 292/256."""
+    c = load_config("probe", arg)
+    assert c.optimizer.blr == blr and c.batch_size == 16384
+    assert (c.optimizer.epochs, c.optimizer.warmup_epochs) == (90.0, 10.0)
+    assert (c.optimizer.momentum, c.optimizer.trust_coefficient, c.optimizer.weight_decay) == (
+        0.9, 0.001, 0.0)
+    assert c.total_steps == 90 * (IMAGENET_TRAIN_EXAMPLES // 16384)
+    assert tuple(c.data.crop_scale) == (0.2, 1.0) and c.data.interpolation == "bicubic"
+    assert int(256 / c.data.eval_crop_fraction) == 292 and not c.cache_features
+    assert c.eval.num_examples == -1 and c.features == "encoder"
+
+
+@pytest.mark.parametrize("arg, epochs, decay, drop_path", [("vit_b", 100.0, 0.65, 0.1),
+                                                          ("vit_l", 50.0, 0.75, 0.2)])
+def test_finetune_paper_values(arg, epochs, decay, drop_path):
+    c = load_config("finetune", arg)
+    assert (c.optimizer.epochs, c.optimizer.layer_decay, c.model.drop_path) == (
+        epochs, decay, drop_path)
+    assert (c.optimizer.blr, c.batch_size, c.optimizer.weight_decay) == (2.5e-4, 1024, 0.05)
+    assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.label_smoothing) == (0.8, 1.0, 0.1)
+    assert c.optimizer.warmup_epochs == 5.0 and (c.optimizer.b1, c.optimizer.b2) == (0.9, 0.999)

@@ -114,8 +114,19 @@ class Mlp(nn.Module):
         return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
 
 
+def drop_path(x: jax.Array, rate: float, module: nn.Module, deterministic: bool) -> jax.Array:
+    """Stochastic depth (timm ``DropPath``): a whole residual branch is dropped for an
+    example with probability ``rate``, and kept branches are scaled by ``1 / (1 - rate)``."""
+    if deterministic or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, shape)
+    return x * mask.astype(x.dtype) / keep
+
+
 class Block(nn.Module):
-    """One pre-norm ViT block (timm ``Block`` with qkv bias, no drop-path)."""
+    """One pre-norm ViT block (timm ``Block`` with qkv bias; drop-path for fine-tuning)."""
     num_heads: int
     mlp_dim: int
     dropout_rate: float = 0.1
@@ -124,6 +135,7 @@ class Block(nn.Module):
     explicit_layer_norm_grad: bool = False  # mage_jax/models/layer_norm.py
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -133,12 +145,12 @@ class Block(nn.Module):
         y = Attention(self.num_heads, self.attention_dropout_rate, self.dtype, self.param_dtype,
                       name="attn")(y, deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # timm proj_drop
-        x = x + y
+        x = x + drop_path(y, self.drop_path_rate, self, deterministic)
         y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2",
                        self.explicit_layer_norm_grad)(x)
         y = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name="mlp")(
             y, deterministic)
-        return sharding.constrain(x + y, _ACT)
+        return sharding.constrain(x + drop_path(y, self.drop_path_rate, self, deterministic), _ACT)
 
 
 class _ScanBlock(Block):
@@ -167,9 +179,15 @@ class Transformer(nn.Module):
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # Stochastic depth rising linearly from 0 at the first block to this at the last
+    # (timm's rule); fine-tuning only. Scanned blocks share one rate, so it needs plain ones.
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if self.drop_path_rate and self.scan_layers:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate} needs scan_layers=False: "
+                             f"each block has its own rate.")
         block_cls = _ScanBlock if self.scan_layers else Block
         if self.remat:
             # argnum 2 is `deterministic` (self counts as 0): a Python bool, so static.
@@ -188,5 +206,6 @@ class Transformer(nn.Module):
             x, _ = scanned(**kwargs, name="layers")(x, deterministic)
             return x
         for i in range(self.depth):
-            x = block_cls(**kwargs, name=f"block_{i}")(x, deterministic)
+            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+            x = block_cls(**kwargs, drop_path_rate=rate, name=f"block_{i}")(x, deterministic)
         return x

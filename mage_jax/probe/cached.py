@@ -20,6 +20,7 @@ from absl import logging
 from mage_jax import metrics as metrics_lib
 from mage_jax import sharding, validation
 from mage_jax.data import datasets, pipeline
+from mage_jax.eval import accuracy
 from mage_jax.probe import linear
 
 
@@ -102,7 +103,7 @@ def fit(config, probe, train, test, mesh, writer=None) -> dict:
     test_x, test_y = test
     sums = jax.device_get(jax.jit(probe.score)(state, test_x, test_y,
                                                np.ones(len(test_y), bool)))
-    scores = linear.ratios({k: float(v) for k, v in sums.items()})
+    scores = accuracy.ratios({k: float(v) for k, v in sums.items()})
     if writer is not None:
         writer.write_scalars(config.total_steps, scores)
     return scores

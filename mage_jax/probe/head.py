@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 
 class ProbeHead(nn.Module):
@@ -28,8 +27,3 @@ class ProbeHead(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(self.init_std),
                         name="head")(x)
 
-
-def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where ``labels`` is among the ``k`` largest logits (ties broken by index)."""
-    _, top = jax.lax.top_k(logits, k)
-    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)

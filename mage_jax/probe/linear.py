@@ -17,21 +17,15 @@ import ml_collections
 import optax
 
 from mage_jax import optim, pretrained, sharding, validation
-from mage_jax.data import datasets
 from mage_jax.probe import features as features_lib
-from mage_jax.probe.head import ProbeHead, topk_correct
+from mage_jax.eval import accuracy
+from mage_jax.probe.head import ProbeHead
 from mage_jax.train import evaluation, loop
 
 
 def num_classes(config) -> int:
-    """The dataset's class count; ``config.num_classes`` (when not -1) must equal it."""
-    found = datasets.num_classes(config.data, config.data.train_split)
-    wanted = int(config.num_classes)
-    if wanted != -1 and wanted != found:
-        raise validation.ConfigError(
-            f"config.num_classes={wanted} but {config.data.name} has {found} classes; set "
-            f"--config.num_classes={found} (or -1 to take the dataset's count).")
-    return found
+    """The dataset's class count (``config.num_classes``, when not -1, must equal it)."""
+    return validation.check_num_classes(config)
 
 
 def extractor_and_params(config, source: str, rng=None):
@@ -58,21 +52,13 @@ def extractor_and_params(config, source: str, rng=None):
     return extractor, {"mage": mage_params, "tokenizer": pre.tokenizer_params}
 
 
-def _schedule(config) -> optax.Schedule:
-    opt = config.optimizer
-    steps_per_epoch = max(config.num_train_examples // config.batch_size, 1)
-    lr = opt.blr * config.batch_size / 256
-    return optim.warmup_cosine(lr, int(opt.warmup_epochs * steps_per_epoch),
-                               int(opt.epochs * steps_per_epoch))
-
-
 class Probe:
     """The head and its optimiser: what is trained, whatever computes the features."""
 
     def __init__(self, config, classes: int, dim: int):
         self.classes, self.dim = classes, dim
         self.head = ProbeHead(classes, float(config.head.bn_eps), float(config.head.init_std))
-        self.schedule = _schedule(config)
+        self.schedule = optim.epoch_schedule(config)
         opt = config.optimizer
         self.tx = optim.lars(self.schedule, momentum=opt.momentum,
                              trust_coefficient=opt.trust_coefficient,
@@ -91,7 +77,8 @@ class Probe:
                 {"params": params["head"], "batch_stats": state["batch_stats"]}, feats,
                 train=True, mutable=["batch_stats"])
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, (updates["batch_stats"], topk_correct(logits, labels, 1).mean())
+            top1 = accuracy.topk_correct(logits, labels, 1).mean()
+            return loss, (updates["batch_stats"], top1)
 
         (loss, (batch_stats, top1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"])
@@ -105,17 +92,7 @@ class Probe:
         """Sums of correct top-1 / top-5 predictions (running BatchNorm statistics)."""
         logits = self.head.apply({"params": state["params"]["head"],
                                   "batch_stats": state["batch_stats"]}, feats, train=False)
-        weight = weight.astype(jnp.float32)
-        k = min(5, self.classes)
-        return {"count": weight.sum(), "top1": (topk_correct(logits, labels, 1) * weight).sum(),
-                "top5": (topk_correct(logits, labels, k) * weight).sum()}
-
-
-def ratios(totals: dict) -> dict:
-    """top1 / top5 from summed counts, with the number of scored examples."""
-    count = max(totals.get("count", 0.0), 1.0)
-    return {"top1": totals.get("top1", 0.0) / count, "top5": totals.get("top5", 0.0) / count,
-            "test_examples": totals.get("count", 0.0)}
+        return accuracy.topk_sums(logits, labels, weight)
 
 
 def build_stage(config: ml_collections.ConfigDict, source: str | None = None) -> loop.Stage:
@@ -138,8 +115,8 @@ def build_stage(config: ml_collections.ConfigDict, source: str | None = None) ->
         totals = {}
         for batch in evaluation.test_batches(config, mesh):
             sums = jax.device_get(score(state, batch, frozen_params))
-            totals = {key: totals.get(key, 0.0) + float(v) for key, v in sums.items()}
-        return ratios(totals), {}
+            totals = accuracy.add(totals, sums)
+        return accuracy.ratios(totals), {}
 
     def check():
         if int(config.batch_size) < 2:

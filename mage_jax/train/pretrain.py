@@ -80,14 +80,6 @@ def check_tokenizer(config, params, where: str) -> None:
             f"config.json), or point --config.tokenizer_workdir elsewhere.") from e
 
 
-def _schedule(config) -> optax.Schedule:
-    opt = config.optimizer
-    steps_per_epoch = max(config.num_train_examples // config.batch_size, 1)
-    lr = opt.blr * config.batch_size / 256
-    return optim.warmup_cosine(lr, int(opt.warmup_epochs * steps_per_epoch),
-                               int(opt.epochs * steps_per_epoch))
-
-
 def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.Stage:
     """Validates, builds the stage and loads (or first trains) its frozen tokenizer."""
     # Bad input stops here, before a tokenizer is trained or anything compiled.
@@ -137,7 +129,7 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
     projection = contrastive.ProjectionMLP(
         config.contrastive.proj_hidden_dim, config.contrastive.proj_dim,
         config.contrastive.proj_layers)
-    schedule = _schedule(config)
+    schedule = optim.epoch_schedule(config)
     opt = config.optimizer
     tx = optim.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                      grad_clip_norm=opt.grad_clip_norm)

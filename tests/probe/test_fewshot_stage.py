@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mage_jax import main, metrics, pretrained, validation
+from mage_jax import evaluators, metrics, pretrained, validation
 from mage_jax.data import augment, datasets
 from mage_jax.eval import fewshot as lsr
 from mage_jax.probe import stage as probe_stage
 from mage_jax.probe.features import FeatureExtractor
+from mage_jax.train import stages
 from tests.tiny_configs import load_config, tiny_fewshot_task, tiny_pretrain_config
 
 ONE = jax.devices()[:1]
@@ -84,7 +85,9 @@ def test_evaluators_during_pretraining(pretrain_dir, tmp_path):
                                 choice_temperature=4.5, num_classes=10,
                                 classifier_train_steps=5,
                                 classifier_cache_dir=str(tmp_path / "classifier"))
-    main.run(config, str(tmp_path / "run"))
+    # As mage_jax.main.run does: build (and check) the evaluators, then train with them.
+    stages.run(config, str(tmp_path / "run"), summarize=False,
+               evaluators=evaluators.build(config))
     records = metrics.read_metrics(str(tmp_path / "run"))
     for key in ("fewshot/fashion_mnist_1shot", "fewshot/fashion_mnist_5shot",
                 "samples/fd_samples", "samples/fd_random_tokens"):
@@ -105,5 +108,5 @@ def test_bad_evaluators_fail_before_training(pretrain_dir, tmp_path, change, err
     config = _pretrain_with_evals(pretrain_dir)
     config.evals.fewshot.update(change)
     with pytest.raises(ValueError, match=error):
-        main.run(config, str(tmp_path / "run"))
+        evaluators.build(config)
     assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -12,7 +12,8 @@ from mage_jax import optim, validation
 from mage_jax.data import augment, datasets
 from mage_jax.probe import features as features_lib
 from mage_jax.probe import cached, linear, stage as probe_stage
-from mage_jax.probe.head import ProbeHead, topk_correct
+from mage_jax.eval.accuracy import topk_correct
+from mage_jax.probe.head import ProbeHead
 from tests.tiny_configs import tiny_probe_config
 
 ONE = jax.devices()[:1]
@@ -246,3 +247,31 @@ def test_feature_sources_have_the_documented_widths(pretrain_dir):
 def config_embed(pretrain_dir):
     with open(os.path.join(pretrain_dir, "config.json")) as f:
         return json.load(f)["model"]["embed_dim"]
+
+
+def test_dataset_without_labels(tmp_path):
+    """A real TFDS dataset (array_record) whose examples have images only."""
+    import tensorflow_datasets as tfds
+
+    class UnlabelledImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"image": tfds.features.Image(shape=(8, 8, 3))}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(), "test": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(4):
+                yield i, {"image": np.full((8, 8, 3), i * 40, np.uint8)}
+
+    UnlabelledImages(data_dir=str(tmp_path / "tfds"),
+                     file_format="array_record").download_and_prepare()
+    config = tiny_probe_config("")
+    config.features, config.baselines = "pixels", ()
+    config.data.update(name="unlabelled_images", data_dir=str(tmp_path / "tfds"),
+                       train_split="train")
+    with pytest.raises(datasets.DatasetNotFoundError, match="no class labels"):
+        probe_stage.run(config, str(tmp_path / "probe"), devices=ONE)
