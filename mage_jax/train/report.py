@@ -47,6 +47,25 @@ def _pretrain_line(records: list[dict]) -> str | None:
     return line
 
 
+def _evaluator_lines(records: list[dict]) -> list[str]:
+    """Each evaluator's measures (``<name>/<key>``) from its first to its last run."""
+    names = sorted({k.split("/")[0] for r in records for k in r if "/" in k})
+    lines = []
+    for name in names:
+        runs = [(r["step"], {k.split("/", 1)[1]: v for k, v in r.items()
+                             if k.startswith(name + "/") and not k.endswith("/seconds")})
+                for r in records if any(k.startswith(name + "/") for k in r)]
+        runs = [(step, values) for step, values in runs if values]
+        if not runs:
+            continue
+        (first_step, first), (last_step, last) = runs[0], runs[-1]
+        # Measures that moved (a reference such as fd_real stays put), in logged order.
+        shown = ", ".join(f"{k} {first[k]:.3g} -> {last[k]:.3g}" for k in last
+                          if k in first and first[k] != last[k])
+        lines.append(f"during     {name} at step {first_step} -> {last_step}: {shown}")
+    return lines
+
+
 def _samples_line(generate_workdir: str) -> str | None:
     """Samples drawn at the end of a run (``sample_when_done``) and their measures."""
     records = _records(generate_workdir)
@@ -82,6 +101,7 @@ def summary(config, workdir: str, tokenizer_workdir: str | None = None,
             lines.append(_tokenizer_line(tokenizer_workdir, codebook_size)
                          or f"tokenizer  {tokenizer_workdir}")
         lines.append(_pretrain_line(records) or "MAGE       no logged step yet")
+        lines += _evaluator_lines(records)
         pictures = [RECONSTRUCTIONS_PNG, PREDICTIONS_PNG]
         samples = _samples_line(os.path.join(workdir, SAMPLES_WORKDIR))
         if samples:
@@ -94,7 +114,9 @@ def summary(config, workdir: str, tokenizer_workdir: str | None = None,
                f"--workdir={workdir}_cond --config.init_from={workdir}   (class-conditional)",
                f"python -m mage_jax.main --config=configs/pretrain.py:{preset},contrastive "
                f"--workdir={workdir}_contrastive --config.tokenizer_workdir="
-               f"{tokenizer_workdir or os.path.join(workdir, 'tokenizer')}   (MAGE-C)"]
+               f"{tokenizer_workdir or os.path.join(workdir, 'tokenizer')}   (MAGE-C)",
+               f"python -m mage_jax.main --config=configs/probe.py:{preset} "
+               f"--workdir={workdir}_probe --config.pretrain_workdir={workdir}   (linear probe)"]
     found = [os.path.join(workdir, p) for p in pictures
              if os.path.exists(os.path.join(workdir, p))]
     lines.append("pictures   " + (", ".join(found) or "none yet (written when the run ends)"))

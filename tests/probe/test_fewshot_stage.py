@@ -12,7 +12,7 @@ from mage_jax.data import augment, datasets
 from mage_jax.eval import fewshot as lsr
 from mage_jax.probe import stage as probe_stage
 from mage_jax.probe.features import FeatureExtractor
-from mage_jax.train import stages
+from mage_jax.train import report, stages
 from tests.tiny_configs import load_config, tiny_fewshot_task, tiny_pretrain_config
 
 ONE = jax.devices()[:1]
@@ -97,6 +97,9 @@ def test_evaluators_during_pretraining(pretrain_dir, tmp_path):
     assert all(0.0 <= a <= 1.0 for a in shot)
     with open(tmp_path / "run" / "config.json") as f:
         assert json.load(f)["evals"]["fewshot"]["every"] == 2
+    text = report.summary(config, str(tmp_path / "run"))
+    assert "during     fewshot at step 2 -> 4" in text
+    assert "during     samples at step 2 -> 4" in text
 
 
 @pytest.mark.parametrize("change,error", [
