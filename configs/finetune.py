@@ -38,16 +38,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0))
     config.num_train_examples = IMAGENET_TRAIN_EXAMPLES
     config.batch_size = 1024
-    # Training views: RandomResizedCrop(256, scale=(0.08, 1), bicubic) + flip (timm's
-    # create_transform); evaluation: resize 292 (bicubic) + center crop 256.
+    # Training views (MAGE's util/datasets.py: timm's create_transform): RandomResizedCrop
+    # (256, scale=(0.2, 1), bicubic) + flip, RandAugment rand-m9-mstd0.5-inc1; random
+    # erasing off (the README's --reprob 0); evaluation: resize 292 (bicubic), crop 256.
     config.data = config_defaults.data_config("imagenet2012", image_size=256)
-    config.data.crop_scale = (0.08, 1.0)
     config.data.interpolation = "bicubic"
+    config.data.update(rand_augment_ops=2, rand_augment_magnitude=9.0, rand_augment_std=0.5,
+                       random_erasing=0.0)
     config.eval.num_examples = -1
     config.image_summary_every = 0
     if demo:
         # The demo MAGE's whole 32 px garments (it never saw crops).
         config.data = config_defaults.demo_data_config()
+        config.data.update(rand_augment_ops=2, rand_augment_magnitude=9.0,
+                           rand_augment_std=0.5, random_erasing=0.0)
         config.num_train_examples = FASHION_MNIST_TRAIN_EXAMPLES
         config.batch_size = 64
         config.total_steps = 300

@@ -2,7 +2,7 @@
 
 ``config.evals`` is data: a dict ``{name: {type, every, ...}}``. Each entry becomes a
 ``loop.Evaluator`` that the training loop runs every ``every`` steps and at the last step,
-on the training mesh, logging ``<name>/<measure>``:
+on the training mesh, logging ``<name>/<measure>``; ``every=0`` turns one off:
 
 * ``fewshot``: few-shot linear classification (``eval/fewshot.py``, big_vision's
   ``fewshot_lsr``) on the encoder's probe features (``probe/features.py``) of the current
@@ -105,9 +105,11 @@ def build(config: ml_collections.ConfigDict) -> tuple[loop.Evaluator, ...]:
             raise validation.ConfigError(
                 f"config.evals.{name}: unknown evaluator type {kind!r}; expected one of "
                 f"{list(TYPES)}.")
-        if int(spec.every) < 1:
+        if int(spec.every) < 0:
             raise validation.ConfigError(
-                f"config.evals.{name}.every={spec.every} must be a positive step count.")
+                f"config.evals.{name}.every={spec.every} must be a step count (0: off).")
+        if int(spec.every) == 0:
+            continue
         if config.stage != "pretrain":
             raise validation.ConfigError(
                 f"config.evals.{name}: evaluators read a MAGE under training, so they run in "

@@ -299,3 +299,7 @@ def test_finetune_paper_values(arg, epochs, decay, drop_path):
     assert (c.optimizer.blr, c.batch_size, c.optimizer.weight_decay) == (2.5e-4, 1024, 0.05)
     assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.label_smoothing) == (0.8, 1.0, 0.1)
     assert c.optimizer.warmup_epochs == 5.0 and (c.optimizer.b1, c.optimizer.b2) == (0.9, 0.999)
+    # MAGE's util/datasets.py: crops of (0.2, 1), bicubic, rand-m9-mstd0.5-inc1, --reprob 0.
+    assert tuple(c.data.crop_scale) == (0.2, 1.0) and c.data.interpolation == "bicubic"
+    assert (c.data.rand_augment_ops, c.data.rand_augment_magnitude, c.data.rand_augment_std,
+            c.data.random_erasing) == (2, 9.0, 0.5, 0.0)

@@ -38,6 +38,7 @@ import numpy as np
 
 from mage_jax.data import augment
 from mage_jax.data import datasets
+from mage_jax.data import randaugment
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -77,6 +78,12 @@ class TrainAugment:
     color_jitter: float = 0.4
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
+    # Fine-tuning (randaugment.py): timm's rand-m<magnitude>-mstd<std>-inc1 with
+    # `rand_augment_ops` ops (0: off, as in pretraining), then random erasing.
+    rand_augment_ops: int = 0
+    rand_augment_magnitude: float = 9.0
+    rand_augment_std: float = 0.5
+    random_erasing: float = 0.0
 
     @classmethod
     def from_config(cls, data_cfg) -> "TrainAugment":
@@ -89,7 +96,12 @@ class TrainAugment:
             hflip=bool(data_cfg.get("hflip", defaults.hflip)),
             color_jitter=float(data_cfg.get("color_jitter", defaults.color_jitter)),
             color_jitter_prob=float(data_cfg.get("color_jitter_prob", defaults.color_jitter_prob)),
-            grayscale_prob=float(data_cfg.get("grayscale_prob", defaults.grayscale_prob)))
+            grayscale_prob=float(data_cfg.get("grayscale_prob", defaults.grayscale_prob)),
+            rand_augment_ops=int(data_cfg.get("rand_augment_ops", defaults.rand_augment_ops)),
+            rand_augment_magnitude=float(data_cfg.get("rand_augment_magnitude",
+                                                      defaults.rand_augment_magnitude)),
+            rand_augment_std=float(data_cfg.get("rand_augment_std", defaults.rand_augment_std)),
+            random_erasing=float(data_cfg.get("random_erasing", defaults.random_erasing)))
 
     def view(self, image, rng: np.random.Generator, contrastive: bool) -> np.ndarray:
         view = augment.random_resized_crop(image, rng, self.size, scale=self.crop_scale,
@@ -100,6 +112,12 @@ class TrainAugment:
             view = augment.contrastive_color(view, rng, strength=self.color_jitter,
                                              jitter_prob=self.color_jitter_prob,
                                              grayscale_prob=self.grayscale_prob)
+        if self.rand_augment_ops:
+            view = randaugment.rand_augment(view, rng, num_ops=self.rand_augment_ops,
+                                            magnitude=self.rand_augment_magnitude,
+                                            magnitude_std=self.rand_augment_std)
+        if self.random_erasing:
+            view = randaugment.random_erasing(view, rng, probability=self.random_erasing)
         return np.ascontiguousarray(view, dtype=np.float32)
 
 

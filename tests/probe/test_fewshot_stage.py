@@ -102,9 +102,18 @@ def test_evaluators_during_pretraining(pretrain_dir, tmp_path):
     assert "during     samples at step 2 -> 4" in text
 
 
+def test_every_zero_turns_an_evaluator_off(pretrain_dir):
+    config = _pretrain_with_evals(pretrain_dir)
+    assert [e.name for e in evaluators.build(config)] == ["fewshot", "samples"]  # + the demo's
+    config.evals.fewshot.every = 0
+    assert [e.name for e in evaluators.build(config)] == ["samples"]
+    config.evals.samples.every = 0
+    assert evaluators.build(config) == ()
+
+
 @pytest.mark.parametrize("change,error", [
     (dict(type="probe"), "unknown evaluator type 'probe'"),
-    (dict(every=0), "every=0 must be a positive step count"),
+    (dict(every=-1), "every=-1 must be a step count"),
     (dict(datasets={"no_such_dataset": ("train", "test")}), "no_such_dataset"),
 ])
 def test_bad_evaluators_fail_before_training(pretrain_dir, tmp_path, change, error):
