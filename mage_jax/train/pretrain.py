@@ -31,16 +31,23 @@ def tokenizer_workdir(config, workdir: str) -> str:
     return pretrained.tokenizer_dir(config.to_dict(), workdir)
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None):
-    """Restores the frozen tokenizer, first training it where the config says so."""
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None,
+                   train_tokenizer=None):
+    """Restores the frozen tokenizer, first training it where the config says so with
+    ``train_tokenizer(tokenizer_config, tokenizer_workdir)`` (stages.py passes its own
+    ``run``: the stage below does not import the dispatcher above it)."""
     tok_dir = tokenizer_workdir(config, workdir)
     existing = checkpointing.Checkpointer(tok_dir, async_save=False, read_only=True)
     step = existing.latest_step()
     existing.close()
     if config.train_tokenizer_if_missing and (step or 0) < config.tokenizer_stage.total_steps:
-        from mage_jax.train import stages
+        if train_tokenizer is None:
+            raise FileNotFoundError(
+                f"the tokenizer in {tok_dir} is missing or unfinished (step {step}); train it "
+                f"first (python -m mage_jax.main --config=configs/tokenizer.py --workdir="
+                f"{tok_dir}), or build this stage through mage_jax.train.stages.run.")
         logging.info("Training the tokenizer first, in %s.", tok_dir)
-        stages.run(tokenizer_stage_config(config), tok_dir, devices, summarize=False)
+        train_tokenizer(tokenizer_stage_config(config), tok_dir)
     elif step is None:
         raise FileNotFoundError(
             f"no tokenizer checkpoint in {tok_dir}/checkpoints. Train one "
@@ -80,8 +87,10 @@ def check_tokenizer(config, params, where: str) -> None:
             f"config.json), or point --config.tokenizer_workdir elsewhere.") from e
 
 
-def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None) -> loop.Stage:
-    """Validates, builds the stage and loads (or first trains) its frozen tokenizer."""
+def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None,
+                train_tokenizer=None) -> loop.Stage:
+    """Validates, builds the stage and loads (or first trains, with ``train_tokenizer``) its
+    frozen tokenizer."""
     # Bad input stops here, before a tokenizer is trained or anything compiled.
     validation.validate_training_config(config, workdir)
     validation.validate_batch(config, sharding.make_mesh(config.mesh, devices))
@@ -89,7 +98,7 @@ def build_stage(config: ml_collections.ConfigDict, workdir: str, devices=None) -
     stage.check()
     if config.init_from:
         stage.warm_start = _warm_start(config.init_from)
-    stage.frozen = load_tokenizer(config, workdir, devices)
+    stage.frozen = load_tokenizer(config, workdir, devices, train_tokenizer)
     return stage
 
 

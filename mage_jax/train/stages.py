@@ -14,7 +14,11 @@ def _tokenizer(config, workdir, devices):
 
 def _pretrain(config, workdir, devices):
     from mage_jax.train import pretrain
-    return pretrain.build_stage(config, workdir, devices)
+    # The demo trains its tokenizer first, through this same dispatcher.
+    return pretrain.build_stage(
+        config, workdir, devices,
+        train_tokenizer=lambda tok_config, tok_dir: run(tok_config, tok_dir, devices,
+                                                        summarize=False))
 
 
 STAGES = {"tokenizer": _tokenizer, "pretrain": _pretrain}
