@@ -24,6 +24,16 @@ from mage_jax.eval import accuracy
 from mage_jax.probe import linear
 
 
+@functools.lru_cache(maxsize=8)
+def _replicated_features(extractor, mesh):
+    """The jitted ``(frozen, batch) -> (features, mask, label)``, replicated so every host
+    gets the whole global batch (its padding too). Cached per (extractor, mesh): an
+    evaluator that extracts every N steps compiles it once, not at every run."""
+    def features(frozen, batch):
+        return extractor.features(frozen, batch["image"]), batch["mask"], batch["label"]
+    return jax.jit(features, out_shardings=sharding.replicated(mesh))
+
+
 def extract(extractor, frozen, data_cfg, split: str, batch_size: int, mesh,
             num_examples: int = -1) -> tuple[np.ndarray, np.ndarray]:
     """``(features (N, dim) float32, labels (N,) int32)`` of the first ``num_examples``
@@ -34,11 +44,7 @@ def extract(extractor, frozen, data_cfg, split: str, batch_size: int, mesh,
                                                 process_index=jax.process_index(),
                                                 process_count=jax.process_count())
 
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-    def features(frozen, batch):
-        # Replicated: every host gets the whole global batch (its padding too).
-        return extractor.features(frozen, batch["image"]), batch["mask"], batch["label"]
-
+    features = _replicated_features(extractor, mesh)
     feats, labels, seen = [], [], 0
     for batch in dataset:
         if seen >= count:
