@@ -60,11 +60,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # is slow. Same function and parameters; the demo turns it on.
         explicit_layer_norm_grad=False,
     ))
-    # One masking ratio per step from a truncated normal, as the official code.
+    # Masking ratios from a truncated normal. The official trainer draws one per GPU and
+    # step for its 64 examples (numpy seeded with seed + rank): here one per group of
+    # examples_per_ratio consecutive examples of the global batch, whatever the mesh
+    # (1: one per example; 0: one for the whole batch), and the loss averages the groups'
+    # masked means as DDP averages the GPUs' (mage_jax/masking.py).
     config.masking = ml_collections.ConfigDict(dict(
         min_ratio=0.5, max_ratio=1.0, mean=0.55, std=0.25,
         drop_ratio=0.5,         # ceil(L * 0.5) positions never reach the encoder
-        per_example=False,      # one ratio per example instead of per step (not the paper)
+        examples_per_ratio=64,
     ))
     config.label_smoothing = 0.1
     # Fine-tuning: a pretraining run or converted weights whose MAGE this run starts from

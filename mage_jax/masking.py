@@ -7,8 +7,14 @@ from the encoder input) and the lowest ``ceil(L * r)`` ranks are *masked* (repla
 dropped or masked. The counts are exact; the official loop that re-draws noise on ties
 is unnecessary because ranks come from a sort.
 
-The official code draws one ratio ``r`` per step for the whole batch (the paper leaves
-this open); that is the default here, and a per-example ratio is an option.
+Which examples share a ratio: the official trainer draws one ``r`` per forward call on
+each GPU (numpy seeded with seed + rank, ``mask_ratio_generator.rvs(1)``), so a step of
+64 GPUs x 64 examples mixes 64 ratios. Here ``examples_per_ratio`` (default 64) gives each
+group of that many consecutive examples of the *global* batch one ratio, drawn from the
+step's key whatever the mesh, so a 1-device run and a pod run see the same ratios; 1 is
+one ratio per example, 0 one ratio for the whole batch. The loss that goes with it, the
+mean over groups of each group's mean over its masked tokens (the official per-GPU mean,
+averaged by DDP), is ``mage_jax.models.mage.mage_loss`` with ``ratio_groups``.
 """
 from __future__ import annotations
 
@@ -66,15 +72,28 @@ def sample_masks(rng: jax.Array, batch: int, num_tokens: int, mask_ratio,
     return jnp.concatenate([c0, drop], axis=1), jnp.concatenate([c0, masked], axis=1)
 
 
+def ratio_groups(batch: int, examples_per_ratio: int) -> np.ndarray:
+    """Static group id of each example: ``i // examples_per_ratio`` (0: one group)."""
+    if examples_per_ratio < 0:
+        raise ValueError(f"masking.examples_per_ratio={examples_per_ratio} must be >= 0: 64 "
+                         f"(official: one ratio per GPU of 64), 1 (per example) or 0 (per step).")
+    if examples_per_ratio == 0:
+        return np.zeros(batch, np.int32)
+    return (np.arange(batch) // examples_per_ratio).astype(np.int32)
+
+
 def sample_step_masks(rng: jax.Array, batch: int, num_tokens: int, *, min_ratio: float = 0.5,
                       max_ratio: float = 1.0, mean: float = 0.55, std: float = 0.25,
-                      drop_ratio: float = 0.5, per_example_ratio: bool = False):
-    """One training step's masking: ``(token_drop_mask, token_all_mask, mask_ratio)``."""
+                      drop_ratio: float = 0.5, examples_per_ratio: int = 64):
+    """One training step's masking: ``(token_drop_mask, token_all_mask, mask_ratio)``, the
+    ratio ``(batch,)``, shared by each group of ``examples_per_ratio`` examples."""
     if min_ratio < drop_ratio:
         raise ValueError(f"masking min_ratio={min_ratio} is below drop_ratio={drop_ratio}: "
                          f"every dropped token must also be masked; set min_ratio >= drop_ratio.")
+    groups = ratio_groups(batch, examples_per_ratio)
     ratio_rng, mask_rng = jax.random.split(rng)
-    ratio = sample_mask_ratio(ratio_rng, min_ratio, max_ratio, mean, std,
-                              (batch,) if per_example_ratio else ())
+    group_ratio = sample_mask_ratio(ratio_rng, min_ratio, max_ratio, mean, std,
+                                    (int(groups[-1]) + 1,))
+    ratio = group_ratio[groups]
     drop, masked = sample_masks(mask_rng, batch, num_tokens, ratio, drop_ratio)
     return drop, masked, ratio

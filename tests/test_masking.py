@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mage_jax.masking import sample_mask_ratio, sample_masks, sample_step_masks
+from mage_jax.masking import ratio_groups, sample_mask_ratio, sample_masks, sample_step_masks
 
 
 def _check_masks(drop, masked, num_tokens, num_masked):
@@ -74,11 +74,31 @@ def test_ratio_distribution_matches_the_truncated_normal():
     assert np.asarray(sample_mask_ratio(jax.random.key(6))).shape == ()
 
 
-def test_step_masks_one_ratio_per_step_by_default():
-    drop, masked, ratio = sample_step_masks(jax.random.key(7), 5, 16)
-    assert ratio.shape == ()
-    _check_masks(drop, masked, 16, [int(np.ceil(16 * float(ratio)))] * 5)
-    drop, masked, ratios = jax.jit(
-        lambda k: sample_step_masks(k, 5, 16, per_example_ratio=True))(jax.random.key(8))
-    assert ratios.shape == (5,) and len(set(np.asarray(ratios).tolist())) == 5
+def test_step_masks_one_ratio_per_group_of_examples():
+    # Official: one ratio per GPU of 64 examples. 130 examples: groups 0..63, 64..127, 128..129.
+    drop, masked, ratio = sample_step_masks(jax.random.key(7), 130, 16)
+    ratio = np.asarray(ratio)
+    assert ratio.shape == (130,)
+    for group in (slice(0, 64), slice(64, 128), slice(128, 130)):
+        assert len(set(ratio[group].tolist())) == 1
+    assert len({ratio[0], ratio[64], ratio[128]}) == 3
+    _check_masks(drop, masked, 16, np.ceil(16 * ratio.astype(np.float32)).astype(int))
+    # The group's ratios are drawn from the step's key as one vector: the same for any batch
+    # split, so a larger batch extends rather than redraws them.
+    _, _, more = sample_step_masks(jax.random.key(7), 130, 16, examples_per_ratio=64)
+    np.testing.assert_array_equal(np.asarray(more), ratio)
+
+
+@pytest.mark.parametrize("examples_per_ratio, distinct", [(1, 5), (0, 1), (2, 3)])
+def test_step_masks_per_example_and_per_step(examples_per_ratio, distinct):
+    drop, masked, ratios = jax.jit(lambda k: sample_step_masks(
+        k, 5, 16, examples_per_ratio=examples_per_ratio))(jax.random.key(8))
+    assert ratios.shape == (5,) and len(set(np.asarray(ratios).tolist())) == distinct
     _check_masks(drop, masked, 16, np.ceil(16 * np.asarray(ratios, np.float32)).astype(int))
+
+
+def test_ratio_groups():
+    np.testing.assert_array_equal(ratio_groups(5, 2), [0, 0, 1, 1, 2])
+    np.testing.assert_array_equal(ratio_groups(3, 0), [0, 0, 0])
+    with pytest.raises(ValueError, match="examples_per_ratio=-1"):
+        ratio_groups(3, -1)

@@ -289,26 +289,39 @@ def _check_drop_count(drop: jax.Array, num_dropped: int) -> None:
 
 
 def mage_loss(logits: jax.Array, target_tokens: jax.Array, token_all_mask: jax.Array,
-              codebook_size: int, label_smoothing: float = 0.1):
+              codebook_size: int, label_smoothing: float = 0.1, ratio_groups=None):
     """Label-smoothed cross-entropy on masked positions, as the official ``forward_loss``.
 
     Only the first ``codebook_size`` logits of positions 1..L take part (so the smoothing
     term spreads over image tokens only, timm ``LabelSmoothingCrossEntropy``); the
     per-position loss is averaged over the masked positions (dropped ones included).
-    Returns ``(loss, metrics)`` with the masked-token accuracy.
+    ``ratio_groups`` (static ints, one per example; ``mage_jax.masking.ratio_groups``):
+    each group is one official GPU, whose loss is the mean over its own masked positions,
+    and the loss is the mean of the groups' losses (DDP averages the GPUs' gradients);
+    groups masked at different ratios weigh alike, not by their masked counts. None: one
+    group. Loss, ``nll`` and ``masked_accuracy`` are reduced alike.
+    Returns ``(loss, metrics)``.
     """
     logp = jax.nn.log_softmax(logits[:, 1:, :codebook_size].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, target_tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
     smooth = -jnp.mean(logp, axis=-1)
     per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     weight = token_all_mask[:, 1:].astype(jnp.float32)
-    num_masked = jnp.sum(weight)
-    denom = jnp.maximum(num_masked, 1.0)
-    loss = jnp.sum(per_token * weight) / denom
     correct = (jnp.argmax(logp, axis=-1) == target_tokens).astype(jnp.float32)
-    metrics = dict(loss=loss, nll=jnp.sum(nll * weight) / denom,
-                   masked_accuracy=jnp.sum(correct * weight) / denom,
-                   mask_fraction=num_masked / weight.size)
+    groups = np.zeros(weight.shape[0], np.int32) if ratio_groups is None else np.asarray(
+        ratio_groups, np.int32)
+    if groups.shape != (weight.shape[0],):
+        raise ValueError(f"ratio_groups has shape {groups.shape}; expected ({weight.shape[0]},).")
+    num_groups = int(groups.max()) + 1
+
+    def group_mean(values):
+        sums = jax.ops.segment_sum(jnp.sum(values * weight, axis=1), groups, num_groups)
+        counts = jax.ops.segment_sum(jnp.sum(weight, axis=1), groups, num_groups)
+        return jnp.mean(sums / jnp.maximum(counts, 1.0))
+
+    loss = group_mean(per_token)
+    metrics = dict(loss=loss, nll=group_mean(nll), masked_accuracy=group_mean(correct),
+                   mask_fraction=jnp.sum(weight) / weight.size)
     return loss, metrics
 
 

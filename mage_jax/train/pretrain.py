@@ -161,11 +161,10 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
         return jax.lax.stop_gradient(ids)
 
     def masks_for(rng, batch):
-        ratio_rng, mask_rng = jax.random.split(rng)
-        shape = (batch,) if mcfg.per_example else ()
-        ratio = masking.sample_mask_ratio(ratio_rng, mcfg.min_ratio, mcfg.max_ratio, mcfg.mean,
-                                          mcfg.std, shape=shape)
-        drop, masked = masking.sample_masks(mask_rng, batch, num_tokens, ratio, mcfg.drop_ratio)
+        drop, masked, ratio = masking.sample_step_masks(
+            rng, batch, num_tokens, min_ratio=mcfg.min_ratio, max_ratio=mcfg.max_ratio,
+            mean=mcfg.mean, std=mcfg.std, drop_ratio=mcfg.drop_ratio,
+            examples_per_ratio=mcfg.examples_per_ratio)
         return ratio, drop, masked
 
     def first_tokens(rng, labels):
@@ -184,8 +183,9 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
         ratio, drop, masked = masks_for(mask_rng, tokens.shape[0])
         out = model.apply({"params": params["mage"]}, tokens, drop, masked, train=True,
                           first_token=first, rngs={"dropout": dropout_rng})
-        loss, terms = mage.mage_loss(out["logits"], tokens, masked, codebook_size,
-                                     config.label_smoothing)
+        loss, terms = mage.mage_loss(
+            out["logits"], tokens, masked, codebook_size, config.label_smoothing,
+            ratio_groups=masking.ratio_groups(tokens.shape[0], mcfg.examples_per_ratio))
         return loss, terms, out, jnp.mean(ratio)
 
     def loss_fn(params, batch, rng, tok_params):
@@ -293,6 +293,7 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
                             [originals, reconstructions], axis=2)}
 
     def check():
+        masking.ratio_groups(config.batch_size, mcfg.examples_per_ratio)  # raises if < 0
         if config.batch_size < 2 and use_c:
             raise ValueError("MAGE-C needs config.batch_size >= 2 for InfoNCE negatives.")
         if conditional:

@@ -237,6 +237,30 @@ def test_mage_loss_against_the_formula():
     assert float(metrics["masked_accuracy"]) == pytest.approx(np.mean(hits))
 
 
+def test_mage_loss_averages_groups_as_ddp_averages_gpus():
+    # Four examples in two groups (two official GPUs) masked at different ratios: each group
+    # is its own masked mean, the loss their plain mean; one pooled mean would differ.
+    rng = np.random.default_rng(1)
+    codebook, length = 6, 8
+    logits = rng.normal(size=(4, length + 1, codebook)).astype(np.float32)
+    targets = rng.integers(0, codebook, (4, length))
+    masked = np.zeros((4, length + 1), bool)
+    masked[0, 1:3] = masked[1, 2:4] = True            # group 0: 2 masked per example
+    masked[2, 1:8] = masked[3, 2:9] = True            # group 1: 7 masked per example
+    logp = logits[:, 1:] - np.log(np.exp(logits[:, 1:]).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    weight = masked[:, 1:]
+    group_means = [nll[g][weight[g]].mean() for g in (slice(0, 2), slice(2, 4))]
+    loss, metrics = mage_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(masked),
+                              codebook, 0.0, ratio_groups=[0, 0, 1, 1])
+    assert float(loss) == pytest.approx(np.mean(group_means), rel=1e-5)
+    assert float(metrics["nll"]) == pytest.approx(np.mean(group_means), rel=1e-5)
+    pooled, _ = mage_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(masked),
+                          codebook, 0.0)
+    assert float(pooled) == pytest.approx(nll[weight].mean(), rel=1e-5)
+    assert abs(float(pooled) - float(loss)) > 1e-3
+
+
 def test_mage_from_config():
     cfg = ml_collections.ConfigDict(dict(model=dict(
         embed_dim=32, depth=3, num_heads=4, decoder_embed_dim=16, decoder_depth=1,
