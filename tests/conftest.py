@@ -61,3 +61,16 @@ def pretrain_dir(tmp_path_factory):
     config.image_summary_every = 0
     stages.run(config, str(workdir), devices=jax.devices()[:1], summarize=False)
     return str(workdir)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drop each module's compiled programs when it ends: an xdist worker runs hundreds of
+    tests in one process, and XLA's caches of their executables would otherwise grow with
+    every module (CI once lost a worker to a native crash deep into the run)."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
