@@ -28,11 +28,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="float32",
     ))
     config.discriminator = ml_collections.ConfigDict(dict(
-        ch=64,
-        ch_mult=(2, 4, 8, 8, 8),
+        # "maskgit": MaskGIT's own discriminator (maskgit/nets/discriminator.py), with
+        # MaskGIT's discriminator config (configs/vqgan_config.py): channel_multiplier 1,
+        # blur_resample True; `filters` is the 512 of its width table (not a MaskGIT key).
+        # "stylegan2_mbstd": the variant with minibatch-stddev, widths ch * ch_mult.
+        kind="maskgit",
+        filters=512,
+        channel_multiplier=1,
+        blur_resample=True,
+        ch=64,  # stylegan2_mbstd only
+        ch_mult=(2, 4, 8, 8, 8),  # stylegan2_mbstd only
     ))
 
-    # MaskGIT's loss weights.
+    # MaskGIT's loss weights (configs/vqgan_config.py: perceptual_loss_weight 0.1,
+    # g_adversarial_loss_weight 0.1, non-saturating loss, r1 grad_penalty_cost 10, commitment
+    # 0.25, entropy_loss_ratio 0.1).
     config.loss = ml_collections.ConfigDict(dict(
         reconstruction="l2",
         reconstruction_weight=1.0,
@@ -45,8 +55,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         perceptual_weights=ml_collections.FieldReference(None, field_type=str),
         adversarial_weight=0.1,
         r1_weight=10.0,
-        r1_every=16,  # lazy R1 regularisation (StyleGAN2): the penalty every 16 steps, x16
-        adversarial_warmup_steps=100_000,  # discriminator and adversarial loss start here
+        # R1 every step: MaskGIT's config has no R1 interval (only gradient_penalty "r1" and
+        # its cost) and its libml/losses.py r1_gradient_penalty has none either. k > 1 is
+        # StyleGAN2's lazy R1: the penalty every k steps, weighted x k.
+        r1_every=1,
+        # The discriminator and adversarial loss start at this step. 0: MaskGIT's config has
+        # no delay (no discriminator-start setting, unlike taming's disc_start).
+        adversarial_warmup_steps=0,
     ))
 
     # MaskGIT: Adam with betas (0, 0.99) and a constant 1e-4 after warm-up, for the VQGAN and
@@ -56,13 +71,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lr=1e-4,
         b1=0.0,
         b2=0.99,
-        warmup_steps=1000,
+        warmup_steps=2000,  # MaskGIT's configs/base_config.py: lr_warmup_steps 2_000
         # "constant" (MaskGIT) or "cosine": cosine to 0 at `decay_steps` (a fixed-length run).
         schedule="constant",
         decay_steps=0,
         weight_decay=0.0,
         grad_clip_norm=0.0,  # 0 disables clipping
     ))
+
+    # MaskGIT keeps a Polyak average (EMA) of the VQGAN's weights, decay 0.999; the EMA
+    # weights are the tokenizer: what the summaries, the test scores, `encode`/`decode` and
+    # the pretrain stage read (checkpointing.restore_params). 0 turns it off.
+    config.ema_decay = 0.999
 
     config.data = config_defaults.data_config("imagenet2012", image_size=256)
     config.data.crop_scale = (0.8, 1.0)  # a reconstruction model needs little crop jitter
@@ -79,8 +99,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.data = config_defaults.demo_data_config()
         config.tokenizer.update(ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=8,
                                 embed_dim=8, codebook_size=256)
-        config.discriminator.update(ch=16, ch_mult=(2, 4, 4))
-        config.loss.update(entropy_weight=0.0, adversarial_weight=0.0)
+        # The small variant (a GAN, if turned on, must fit in minutes).
+        config.discriminator.update(kind="stylegan2_mbstd", ch=16, ch_mult=(2, 4, 4))
+        # No perceptual term either: it needs LPIPS weights files, which the demo cannot
+        # download, and PSNR is what the demo is judged by.
+        config.loss.update(entropy_weight=0.0, adversarial_weight=0.0, perceptual_weight=0.0)
+        # No EMA: the cosine schedule ends at lr 0, which settles the weights itself, and a
+        # 0.999 average of 500 steps would still weigh the first, untrained ones.
+        config.ema_decay = 0.0
         config.batch_size = 32
         config.total_steps = 500
         config.optimizer.update(lr=3e-3, b1=0.9, warmup_steps=20, schedule="cosine",

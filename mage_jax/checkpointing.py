@@ -105,10 +105,13 @@ def _by_name(tree) -> dict[str, Any]:
     return {"/".join(part(k) for k in path): leaf for path, leaf in flat}
 
 
-def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+def restore_params(workdir: str, step: int | None = None, ema: bool = True
+                   ) -> tuple[dict, int]:
     """The params of a finished run's checkpoint (e.g. the tokenizer for pretraining), on host.
 
-    Returns (params, step). Reads only the ``state`` item, replicated onto the default device.
+    Returns (params, step): the run's ``ema_params`` (a tokenizer trained with MaskGIT's
+    weight average) unless ``ema`` is False or the run kept none, else its ``params``.
+    Reads only the ``state`` item, replicated onto the default device.
     """
     checkpointer = Checkpointer(workdir, async_save=False, read_only=True)
     step = checkpointer.latest_step() if step is None else step
@@ -125,5 +128,6 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
     state = checkpointer._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     checkpointer.close()
-    params = state["params"] if isinstance(state, dict) else state.params
+    get = state.get if isinstance(state, dict) else lambda k: getattr(state, k, None)
+    params = (ema and get("ema_params")) or get("params")
     return jax.tree.map(np.asarray, params), step

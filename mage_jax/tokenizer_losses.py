@@ -7,7 +7,10 @@ The generator (VQGAN) loss is, with MaskGIT's weights,
 
 and the discriminator loss is
 
-    adversarial_weight(step) * (discriminator_loss + r1_weight * r1_penalty),  r1_weight = 10.
+    adversarial_weight(step) * (discriminator_loss + r1_every * r1_weight * r1_penalty),
+
+r1_weight = 10, with the penalty computed every ``r1_every`` steps (1 in the ``paper``
+config, as MaskGIT's; k > 1 is StyleGAN2's lazy R1, weighted x k).
 
 The perceptual term lives in :mod:`mage_jax.models.lpips`; the VQ and entropy terms belong
 to the quantiser. Everything here is a pure, jit-friendly function of arrays.
@@ -15,8 +18,10 @@ to the quantiser. Everything here is a pure, jit-friendly function of arrays.
 R1 convention: :func:`r1_penalty` returns ``E_x ||grad_x D(x)||^2`` *without* StyleGAN2's
 factor 1/2, and the trainer multiplies it by ``r1_weight`` (10 in the config). In StyleGAN2's
 ``(gamma / 2) * E||grad||^2`` notation that is gamma = 2 * r1_weight = 20. The gradient is
-taken with respect to the images as the trainer holds them, in [0, 1] (the discriminator
-maps them to [-1, 1] internally, so the penalty is 4x what it would be on [-1, 1] inputs).
+taken with respect to the images as the trainer holds them, in [0, 1]. MaskGIT's
+discriminator (the ``paper`` default) takes them as they are; the ``stylegan2_mbstd`` variant
+maps them to [-1, 1] internally, so with it the penalty is 4x what it would be on [-1, 1]
+inputs.
 """
 from __future__ import annotations
 

@@ -100,6 +100,12 @@ def test_tokenizer_paper_values():
     loss = config.loss
     assert (loss.perceptual_weight, loss.adversarial_weight, loss.r1_weight) == (0.1, 0.1, 10.0)
     assert (loss.commitment_weight, loss.entropy_weight) == (0.25, 0.1)
+    # MaskGIT starts the GAN at once, with R1 at every step, after a 2,000-step lr warm-up.
+    assert (loss.adversarial_warmup_steps, loss.r1_every, opt.warmup_steps) == (0, 1, 2000)
+    disc = config.discriminator
+    assert (disc.kind, disc.filters, disc.channel_multiplier, disc.blur_resample) == (
+        "maskgit", 512, 1, True)
+    assert load_config("tokenizer", "demo").discriminator.kind == "stylegan2_mbstd"
     assert config.tokenizer.entropy_temperature == 0.01
     assert (config.tokenizer.codebook_size, config.tokenizer.embed_dim) == (1024, 256)
     assert config.data.image_size == 256

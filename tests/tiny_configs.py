@@ -35,6 +35,7 @@ def tiny_tokenizer_config(total_steps: int = 4):
     config.discriminator.update(ch=8, ch_mult=(2,))
     # The demo trains without a GAN; the tiny config keeps it on so that every part runs.
     config.loss.update(adversarial_weight=0.1, adversarial_warmup_steps=2, r1_every=2)
+    config.ema_decay = 0.9  # the demo keeps no weight average; the tiny config runs it
     return _tiny_run(config, total_steps)
 
 

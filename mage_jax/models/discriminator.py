@@ -1,7 +1,14 @@
-"""StyleGAN-style discriminator for training the VQGAN tokenizer adversarially.
+"""StyleGAN-style discriminators for training the VQGAN tokenizer adversarially.
 
 MaskGIT trains its VQGAN tokenizer (the one MAGE uses) against a StyleGAN2-like residual
-discriminator. This module follows that design:
+discriminator. This module has two (``config.discriminator.kind`` picks one):
+
+* :class:`MaskGITDiscriminator` (kind ``"maskgit"``, the ``paper`` default): MaskGIT's own
+  architecture (maskgit/nets/discriminator.py of google-research/maskgit), its widths,
+  block count, BlurPool-then-stride-1-conv downsampling and Xavier-uniform initialisation.
+  See that class.
+* :class:`StyleGANDiscriminator` (kind ``"stylegan2_mbstd"``, the ``demo`` one): a variant
+  with configurable widths and StyleGAN2's minibatch-stddev layer, described here:
 
     conv3x3 + lrelu                                          (from RGB)
     per ``ch_mult`` entry, a residual down block:
@@ -43,11 +50,14 @@ def _leaky_relu(x):
 
 
 def _conv(features: int, kernel: int, *, stride: int = 1, padding="SAME", use_bias=True,
-          dtype=jnp.float32, param_dtype=jnp.float32, name=None) -> nn.Conv:
+          dtype=jnp.float32, param_dtype=jnp.float32, name=None,
+          kernel_init=None) -> nn.Conv:
+    """A conv with logically named axes; ``kernel_init`` defaults to LeCun normal."""
+    kernel_init = nn.initializers.lecun_normal() if kernel_init is None else kernel_init
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=padding,
         use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), _CONV_AXES),
+        kernel_init=nn.with_logical_partitioning(kernel_init, _CONV_AXES),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
 
 
@@ -166,5 +176,152 @@ class StyleGANDiscriminator(nn.Module):
         logits = nn.Dense(
             1, dtype=self.dtype, param_dtype=self.param_dtype, name="logit",
             kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", None)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))(x)
+        return logits[:, 0].astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# MaskGIT's discriminator.
+
+
+def blur_pool(x: jax.Array, kernel_1d: Sequence[float] = (1, 3, 3, 1),
+              stride: int = 2) -> jax.Array:
+    """MaskGIT's ``BlurPool2D``: a per-channel low-pass filter sampled every ``stride`` pixels.
+
+    The filter is the outer product of ``kernel_1d`` with itself, normalised to sum 1, so a
+    constant image stays that constant away from the border. Padding is 'SAME' in XLA's
+    sense (as MaskGIT's depthwise ``lax.conv_general_dilated``): ``ceil(H / stride)``
+    outputs, the zero padding split evenly with any extra pixel after. For the 4-tap filter
+    and an even size that is one zero pixel each side and H / 2 outputs.
+    """
+    k = np.asarray(kernel_1d, np.float64)
+    k = (k / k.sum()).astype(np.float32)
+    n = len(k)
+
+    def along(x, axis):
+        size = x.shape[axis]
+        out = -(-size // stride)
+        total = max((out - 1) * stride + n - size, 0)
+        pads = [(0, 0)] * x.ndim
+        pads[axis] = (total // 2, total - total // 2)
+        x = jnp.pad(x, pads)
+        span = (out - 1) * stride + 1
+
+        def tap(i):
+            index = [slice(None)] * x.ndim
+            index[axis] = slice(i, i + span, stride)
+            return x[tuple(index)]
+        # Shifted, strided weighted sums rather than a depthwise conv: the same numbers, but
+        # much cheaper on XLA:CPU, also in the double backward of the R1 penalty.
+        return sum(float(k[i]) * tap(i) for i in range(n))
+
+    return along(along(x, 1), 2)
+
+
+def maskgit_filters(size: int, filters: int = 512, channel_multiplier: int = 1) -> int:
+    """Channels of MaskGIT's discriminator at feature-map side ``size``.
+
+    MaskGIT's table is {4..32: 512, 64: 256 m, 128: 128 m, 256: 64 m, 512: 32 m,
+    1024: 16 m} (m = ``channel_multiplier``): ``filters`` up to 32 px, then halving with every
+    doubling of the side. ``filters`` (512 in MaskGIT) scales the whole table, for small
+    test or demo models.
+    """
+    width = filters if size <= 32 else channel_multiplier * filters * 32 // size
+    if width < 1:
+        raise ValueError(f"MaskGITDiscriminator with filters={filters}, channel_multiplier="
+                         f"{channel_multiplier} has no channels left at {size} px.")
+    return width
+
+
+class MaskGITResBlock(nn.Module):
+    """MaskGIT's residual down block (after rosinality's stylegan2-pytorch ``ResBlock``).
+
+    main: conv3x3 (input width) + lrelu -> downsample -> conv3x3 (``features``) + lrelu
+    skip: downsample -> conv1x1 (``features``, no bias)
+    out = (main + skip) / sqrt(2)
+
+    The downsampling is :func:`blur_pool` (``blur_resample``, MaskGIT's setting) or 2x2
+    average pooling; the convolutions after it have stride 1.
+    """
+    features: int
+    blur_resample: bool = True
+    blur_kernel: Sequence[float] = (1, 3, 3, 1)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel_init=nn.initializers.xavier_uniform())
+        if self.blur_resample:
+            down = lambda t: blur_pool(t, self.blur_kernel, 2)
+        else:  # MaskGIT's layers.dsample: TF-style 'SAME' 2x2 average pooling (even sizes)
+            down = lambda t: nn.avg_pool(t, (2, 2), strides=(2, 2))
+        h = _leaky_relu(_conv(x.shape[-1], 3, name="conv1", **kw)(x))
+        h = _leaky_relu(_conv(self.features, 3, name="conv2", **kw)(down(h)))
+        s = _conv(self.features, 1, use_bias=False, name="skip", **kw)(down(x))
+        return (h + s) * (1.0 / math.sqrt(2.0))
+
+
+class MaskGITDiscriminator(nn.Module):
+    """MaskGIT's VQGAN discriminator: real/fake logits (B,) for square NHWC images.
+
+    For an image of side S (a power of two, at least 4), with widths from
+    :func:`maskgit_filters`:
+
+        conv3x3 (width at S) + lrelu
+        log2(S) - 2 x MaskGITResBlock, block j: S / 2^j -> S / 2^(j+1) px, width at the output
+        conv3x3 (width at 4 px) + lrelu                       (at 4x4)
+        flatten -> dense (width at 4 px) + lrelu -> dense 1 -> logit
+
+    Every kernel is initialised Xavier-uniform, every bias zero, as MaskGIT's flax module.
+    At 256 px and MaskGIT's settings (filters 512, channel_multiplier 1) the block widths are
+    128, 256, 512, 512, 512, 512.
+
+    Differences from MaskGIT's module, none of which changes the function it computes:
+    the logits come out as (B,) float32 (MaskGIT: (B, 1)), which is what the tokenizer
+    losses take; the image size is read from the input (MaskGIT: ``config.image_size``);
+    the layers have names (``conv_in``, ``block_<j>``, ``conv_out``, ``dense``, ``logit``)
+    and logical partitioning annotations; ``filters`` scales the width table (MaskGIT fixes
+    512). The images go in as they are, without rescaling: MaskGIT's tokenizer works on
+    [0, 1] images (its public inference code), and its discriminator rescales nothing.
+    """
+    filters: int = 512
+    channel_multiplier: int = 1
+    blur_resample: bool = True
+    blur_kernel: Sequence[float] = (1, 3, 3, 1)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+            raise ValueError(
+                f"MaskGITDiscriminator expects NHWC images (B, H, W, C); got shape {images.shape}. "
+                f"Transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
+        _, height, width, _ = images.shape
+        if height != width or height < 4 or height & (height - 1):
+            raise ValueError(
+                f"MaskGITDiscriminator needs square images whose side is a power of two, at "
+                f"least 4 (it halves the side down to 4x4); got {height}x{width}.")
+        width_at = lambda s: maskgit_filters(s, self.filters, self.channel_multiplier)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        xavier = nn.initializers.xavier_uniform()
+
+        x = images.astype(self.dtype)
+        x = _leaky_relu(_conv(width_at(height), 3, name="conv_in", kernel_init=xavier, **kw)(x))
+        for j in range(int(math.log2(height)) - 2):
+            x = MaskGITResBlock(width_at(height >> (j + 1)), self.blur_resample,
+                                self.blur_kernel, name=f"block_{j}", **kw)(x)
+        x = _leaky_relu(_conv(width_at(4), 3, name="conv_out", kernel_init=xavier, **kw)(x))
+        x = x.reshape(x.shape[0], -1)
+        x = _leaky_relu(nn.Dense(
+            width_at(4), name="dense", **kw,
+            kernel_init=nn.with_logical_partitioning(xavier, ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)))(x))
+        # One output unit: its axis is left unnamed (replicated).
+        logits = nn.Dense(
+            1, name="logit", **kw,
+            kernel_init=nn.with_logical_partitioning(xavier, ("mlp", None)),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)))(x)
         return logits[:, 0].astype(jnp.float32)

@@ -3,13 +3,18 @@
 Generator loss = reconstruction + codebook + 0.25 commitment + 0.1 entropy
                  [+ 0.1 perceptual] [+ 0.1 adversarial after the warm-up];
 discriminator loss = logistic loss on real/reconstructed images + R1 penalty on real ones,
-also only after the warm-up. Both use Adam (betas (0, 0.99)).
+also only after the warm-up (``loss.adversarial_warmup_steps``; MaskGIT has none, and the
+``paper`` config neither). Both use Adam (betas (0, 0.99)). With ``ema_decay`` > 0 the
+state keeps MaskGIT's Polyak average of the VQGAN's weights (``ema_params``), and that
+average is the tokenizer: summaries and test scores use it, and so does every stage that
+restores the tokenizer (``checkpointing.restore_params`` prefers ``ema_params``).
 """
 from __future__ import annotations
 
 import functools
 import os
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,11 +27,31 @@ from mage_jax.models import lpips, vqgan
 from mage_jax.train import evaluation, loop, report
 
 
+DISCRIMINATOR_KINDS = ("maskgit", "stylegan2_mbstd")
+
+
+def build_discriminator(
+        cfg: ml_collections.ConfigDict,
+) -> disc_lib.MaskGITDiscriminator | disc_lib.StyleGANDiscriminator:
+    """``config.discriminator`` -> the module its ``kind`` names (see DISCRIMINATOR_KINDS).
+
+    A config without ``kind`` (written before there was a choice) means "stylegan2_mbstd".
+    """
+    kind = cfg.get("kind", "stylegan2_mbstd")
+    if kind == "maskgit":
+        return disc_lib.MaskGITDiscriminator(
+            filters=cfg.filters, channel_multiplier=cfg.channel_multiplier,
+            blur_resample=cfg.blur_resample)
+    if kind == "stylegan2_mbstd":
+        return disc_lib.StyleGANDiscriminator(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult))
+    raise ValueError(f"config.discriminator.kind={kind!r} is not one of {DISCRIMINATOR_KINDS}: "
+                     f"'maskgit' (MaskGIT's discriminator) or 'stylegan2_mbstd' (the variant "
+                     f"with minibatch-stddev).")
+
+
 def build_models(config: ml_collections.ConfigDict):
     model = vqgan.vqgan_from_config(config.tokenizer)
-    disc = disc_lib.StyleGANDiscriminator(
-        ch=config.discriminator.ch, ch_mult=tuple(config.discriminator.ch_mult))
-    return model, disc
+    return model, build_discriminator(config.discriminator)
 
 
 def _schedule(opt) -> optax.Schedule:
@@ -52,8 +77,12 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     # With adversarial_weight 0 (the demo) the discriminator is never run: a GAN phase is
     # for perceptual sharpness at scale, and it costs most of a step (docs/demo.md).
     use_gan = loss_cfg.adversarial_weight > 0
+    ema_decay = float(config.get("ema_decay", 0.0))
 
     def check():
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"config.ema_decay={ema_decay} must be in [0, 1) (MaskGIT: 0.999; "
+                             f"0 keeps no average).")
         vqgan.token_grid(config.tokenizer, size)  # raises if size does not fit the factor
         # Shape-checks the discriminator at this size without compiling anything.
         jax.eval_shape(disc.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
@@ -63,13 +92,30 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         images = jnp.zeros((1, size, size, 3), jnp.float32)
         params = model.init(g_rng, images)["params"]
         disc_params = disc.init(d_rng, images)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                "disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": tx.init(params),
+                 "disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
+        if ema_decay:
+            # A copy (not the same arrays): the train step donates the whole state.
+            state["ema_params"] = jax.tree.map(lambda x: x.copy(), params)
+        return state
+
+    def tokenizer_params(state):
+        """The weights users get: the EMA when the run keeps one."""
+        return state["ema_params"] if ema_decay else state["params"]
 
     perceptual_params = None
     if loss_cfg.perceptual_weights and loss_cfg.perceptual_weight > 0:
         # Comma-separated files merge (e.g. torchvision's VGG16 plus lpips' lin weights).
         perceptual_params = lpips.load_lpips_params(*loss_cfg.perceptual_weights.split(","))
+    elif loss_cfg.perceptual_weight > 0:
+        # Nothing can be downloaded at run time, so without a file the term is off: say so.
+        logging.warning(
+            "config.loss.perceptual_weight=%s but no config.loss.perceptual_weights file: "
+            "the perceptual (LPIPS) term is OFF in this run. Give the lpips package's weights "
+            "(--config.loss.perceptual_weights=vgg16.pth,lin.pth) to train as MaskGIT does, "
+            "or set --config.loss.perceptual_weight=0 to silence this.",
+            loss_cfg.perceptual_weight)
 
     def generator_loss(params, disc_params, images, adv_on, frozen):
         recon, aux = model.apply({"params": params}, images, train=True)
@@ -103,7 +149,8 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         apply = lambda p, x: disc.apply({"params": p}, x)
         real, fake = apply(disc_params, images), apply(disc_params, jax.lax.stop_gradient(recon))
         d_loss = tokenizer_losses.discriminator_loss(real, fake)
-        # Lazy R1 (StyleGAN2): every r1_every steps, scaled by r1_every to keep its weight.
+        # R1 every r1_every steps, scaled by r1_every to keep its weight: 1 is MaskGIT's
+        # every-step R1, more is StyleGAN2's lazy R1.
         every = max(int(loss_cfg.r1_every), 1)
         r1 = jax.lax.cond(step % every == 0,
                           lambda: tokenizer_losses.r1_penalty(apply, disc_params, images),
@@ -122,6 +169,9 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads)}
         new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        if ema_decay:
+            new_state["ema_params"] = optax.incremental_update(params, state["ema_params"],
+                                                               1.0 - ema_decay)
         if not use_gan:  # The discriminator stays as initialised and costs nothing.
             return new_state, metrics
 
@@ -145,7 +195,7 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
 
     def summarize(state, batch, rng, frozen):
         images = batch["image"][: config.num_image_summaries]
-        recon, _ = model.apply({"params": state["params"]}, images)
+        recon, _ = model.apply({"params": tokenizer_params(state)}, images)
         # Inputs beside reconstructions, one pair per row.
         return {"inputs_and_reconstructions": jnp.concatenate(
             [images, jnp.clip(recon, 0.0, 1.0)], axis=2)}
@@ -165,7 +215,7 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         psnr, counts, shown = [], np.zeros(config.tokenizer.codebook_size, np.int64), None
         for batch in evaluation.test_batches(config, mesh):
             image_psnr, ids, keep, images, recon = jax.device_get(
-                reconstruct(state["params"], batch))
+                reconstruct(tokenizer_params(state), batch))
             psnr.append(image_psnr[keep])
             counts += np.bincount(ids[keep].ravel(), minlength=counts.size)
             if shown is None:

@@ -135,7 +135,8 @@ def test_perceptual_loss_from_a_weights_file_joins_the_generator_loss(tmp_path):
     weights = tmp_path / "lpips_vgg.npz"
     np.savez(weights, **_torch_layout_state())
     config, _ = _run(tmp_path / "run", total_steps=1,
-                     loss=dict(tiny_tokenizer_config().loss, perceptual_weights=str(weights)))
+                     loss=dict(tiny_tokenizer_config().loss, perceptual_weights=str(weights),
+                               perceptual_weight=0.1))  # the demo has it off
     record = metrics.read_metrics(str(tmp_path / "run"))[-1]
     assert record["perceptual_loss"] > 0
     # Before the adversarial warm-up the loss is exactly the weighted sum of its terms.
