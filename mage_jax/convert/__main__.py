@@ -8,6 +8,12 @@ The output is a directory like a training run's workdir: `DIR/checkpoints/0` hol
 ``{"params": ...}`` and `DIR/config.json` the sizes. A tokenizer output is what
 ``--config.tokenizer_workdir`` takes; a MAGE output also carries the checkpoint's own
 tokenizer (the ``vqgan.*`` keys) in `DIR/tokenizer`.
+
+Released weights and the official trainer's ``checkpoint-*.pth`` (model, optimizer, epoch,
+scaler, args) both convert; only the ``model`` entry is used, and a DDP ``module.`` prefix is
+stripped. Keys that are not in the official MAGE (e.g. a MAGE-C checkpoint's contrastive
+projection head) stop the conversion with their names; ``--ignore_keys=PREFIX.,...`` drops
+them (the error says which prefixes to pass).
 """
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ from mage_jax.convert import torch_mage, torch_tokenizer
 
 _CKPT = flags.DEFINE_string("torch_checkpoint", None, "PyTorch .pth/.ckpt file to convert.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the converted checkpoint to.")
+_IGNORE = flags.DEFINE_list(
+    "ignore_keys", [], "For `mage`: comma-separated key prefixes to drop, e.g. the contrastive "
+    "projection head of a MAGE-C checkpoint (the error for unknown keys names them).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "For `mage`: the pretrain config (preset) the weights must fit.")
 
@@ -76,15 +85,21 @@ def check_widths(state_dict, config, where: str = "the checkpoint") -> None:
                 f"size. Pick its preset (vit_b: 768, vit_l: 1024) or set --config.model.{field}.")
 
 
-def convert_mage_file(path: str, config, output: str) -> dict:
+def convert_mage_file(path: str, config, output: str, ignore_keys=()) -> dict:
+    """``ignore_keys``: key prefixes to drop (e.g. a MAGE-C projection head); any other key
+    that the official MAGE does not have is an error naming it."""
     state_dict = torch_tokenizer.load_torch_state_dict(path)
     check_widths(state_dict, config, path)
     params, sizes = torch_mage.convert_mage(
         state_dict, num_heads=config.model.num_heads,
         decoder_num_heads=config.model.decoder_num_heads,
-        scan_layers=bool(config.model.scan_layers))
+        scan_layers=bool(config.model.scan_layers), ignore_prefixes=tuple(ignore_keys),
+        source=str(path))
     check_against_config(params, config)
-    save_params(output, {"mage": params}, {"stage": "pretrain", "source": path, "model": sizes})
+    description = {"stage": "pretrain", "source": path, "model": sizes}
+    if ignore_keys:
+        description["ignored_keys"] = list(ignore_keys)
+    save_params(output, {"mage": params}, description)
     if any(k.startswith("vqgan.") for k in state_dict):
         tok_vars, tok_sizes = torch_tokenizer.convert_tokenizer(state_dict, prefix="vqgan.")
         save_params(os.path.join(output, "tokenizer"), tok_vars["params"],
@@ -95,16 +110,20 @@ def convert_mage_file(path: str, config, output: str) -> dict:
 def main(argv):
     if len(argv) != 2 or argv[1] not in ("tokenizer", "mage"):
         raise app.UsageError("usage: python -m mage_jax.convert {tokenizer|mage} "
-                             "--torch_checkpoint=FILE --output=DIR [--config=configs/pretrain.py:vit_b]")
+                             "--torch_checkpoint=FILE --output=DIR [--config=configs/pretrain.py:vit_b] "
+                             "[--ignore_keys=PREFIX.,...]")
     if not _CKPT.value or not _OUTPUT.value:
         raise app.UsageError("--torch_checkpoint and --output are required.")
     if argv[1] == "tokenizer":
+        if _IGNORE.value:
+            raise app.UsageError("--ignore_keys is for `mage`: the tokenizer converter reads "
+                                 "only the tokenizer's own keys.")
         sizes = convert_tokenizer_file(_CKPT.value, _OUTPUT.value)
     else:
         if _CONFIG.value is None:
             raise app.UsageError("`mage` needs --config=configs/pretrain.py:<preset> "
                                  "(vit_b or vit_l): the number of heads is not in the weights.")
-        sizes = convert_mage_file(_CKPT.value, _CONFIG.value, _OUTPUT.value)
+        sizes = convert_mage_file(_CKPT.value, _CONFIG.value, _OUTPUT.value, _IGNORE.value)
     print(f"wrote {_OUTPUT.value}: {sizes}")
 
 

@@ -9,19 +9,24 @@ Keys the official model carries but never reads in its forward passes are ignore
 ``cls_token``, ``pos_embed``, ``mask_token`` (decoder padding uses the [C0] output),
 ``decoder_pos_embed`` (the fixed sin-cos table; ``decoder_pos_embed_learned`` is used),
 ``patch_embed.*``, ``decoder_pred.*`` (MAE leftovers) and ``token_emb.position_ids``.
-``vqgan.*`` belongs to the tokenizer converter. Any other unknown key is an error, so a
-checkpoint of another architecture is not half-loaded silently.
+``vqgan.*`` belongs to the tokenizer converter. Any other unknown key is an error that lists
+them all, so a checkpoint of another architecture is not half-loaded silently. Extra keys
+of a MAGE-C checkpoint (its contrastive projection head: the official PyTorch code has no
+MAGE-C model, so that head's layout is not known here and this port's
+``contrastive.ProjectionMLP`` is not converted from it) are dropped only when named in
+``ignore_prefixes``; the error for unknown keys says so and lists the prefixes to pass.
 
 Sizes are inferred from shapes except the head counts, which shapes cannot tell.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 
 UNUSED_KEYS = ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed",
                "token_emb.position_ids")
@@ -77,27 +82,67 @@ def _stack(sd, prefix: str, depth: int, num_heads: int, scan_layers: bool) -> di
     return {f"block_{i}": b for i, b in enumerate(blocks)}
 
 
-def _check_keys(sd: Mapping[str, Any]) -> None:
-    known = re.compile(
-        r"^(token_emb\.(word_embeddings|position_embeddings)\.weight|token_emb\.LayerNorm\."
-        r"(weight|bias)|(decoder_)?blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|"
-        r"mlp\.fc2)\.(weight|bias)|(norm|decoder_norm|decoder_embed|mlm_layer\.fc|mlm_layer\.ln)"
-        r"\.(weight|bias)|decoder_pos_embed_learned|mlm_layer\.bias)$")
-    for k in sd:
-        if k in UNUSED_KEYS or k.startswith(UNUSED_PREFIXES) or known.match(k):
-            continue
-        raise ValueError(f"unexpected key {k!r} in the MAGE state dict: not a key of the official "
-                         f"MaskedGenerativeEncoderViT. Pass the checkpoint's 'model' entry with "
-                         f"no prefix such as 'module.'.")
+_KNOWN_KEY = re.compile(
+    r"^(token_emb\.(word_embeddings|position_embeddings)\.weight|token_emb\.LayerNorm\."
+    r"(weight|bias)|(decoder_)?blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|"
+    r"mlp\.fc2)\.(weight|bias)|(norm|decoder_norm|decoder_embed|mlm_layer\.fc|mlm_layer\.ln)"
+    r"\.(weight|bias)|decoder_pos_embed_learned|mlm_layer\.bias)$")
+_MAX_LISTED = 24
+
+
+def _is_mage_key(key: str) -> bool:
+    return key in UNUSED_KEYS or key.startswith(UNUSED_PREFIXES) or bool(_KNOWN_KEY.match(key))
+
+
+def _check_keys(sd: Mapping[str, Any], ignore_prefixes: Sequence[str] = (),
+                source: str = "the MAGE state dict") -> list[str]:
+    """Returns the keys to drop (matched by ``ignore_prefixes``); raises ValueError listing
+    every other key that is not one of the official MaskedGenerativeEncoderViT."""
+    ignore = tuple(ignore_prefixes)
+    for prefix in ignore:
+        clash = sorted(k for k in sd if k.startswith(prefix) and _is_mage_key(k))
+        if clash:
+            raise ValueError(f"ignore prefix {prefix!r} matches {clash[0]!r} ({len(clash)} keys), "
+                             f"a weight of the MAGE model itself; ignore only the extra keys that "
+                             f"the converter names.")
+    dropped = sorted(k for k in sd if k.startswith(ignore))  # startswith(()) is False
+    unknown = sorted(k for k in sd if not _is_mage_key(k) and not k.startswith(ignore))
+    if not unknown:
+        return dropped
+    if all(k.startswith("module.") for k in sd):
+        raise ValueError(f"every key of {source} starts with 'module.' (a DistributedDataParallel-"
+                         f"wrapped model's state dict): strip that prefix first "
+                         f"(load_torch_state_dict does when it reads a file).")
+    groups = sorted({k.split(".")[0] + "." if "." in k else k for k in unknown})
+    listed = ", ".join(repr(k) for k in unknown[:_MAX_LISTED])
+    if len(unknown) > _MAX_LISTED:
+        listed += f" and {len(unknown) - _MAX_LISTED} more"
+    raise ValueError(
+        f"{source} has {len(unknown)} key(s) that the official MaskedGenerativeEncoderViT does "
+        f"not have: {listed}. If they are the contrastive projection head of a MAGE-C "
+        f"checkpoint, mage_jax does not convert it (its MAGE-C head, "
+        f"mage_jax.models.contrastive.ProjectionMLP, starts fresh when a contrastive run is "
+        f"warm-started with --config.init_from; the encoder and decoder are converted in full): "
+        f"drop them with --ignore_keys={','.join(groups)} (python -m mage_jax.convert mage), or "
+        f"ignore_prefixes={tuple(groups)!r} (convert_mage). Otherwise the checkpoint is of "
+        f"another architecture.")
 
 
 def convert_mage(state_dict: Mapping[str, Any], *, num_heads: int, decoder_num_heads: int,
-                 scan_layers: bool = False) -> tuple[dict, dict]:
+                 scan_layers: bool = False, ignore_prefixes: Sequence[str] = (),
+                 source: str = "the MAGE state dict") -> tuple[dict, dict]:
     """Returns ``(params, model_kwargs)``: plain (unboxed) float32 params for
-    ``MAGE(**model_kwargs)`` (``scan_layers`` picks the stacked layout)."""
-    _check_keys(state_dict)
+    ``MAGE(**model_kwargs)`` (``scan_layers`` picks the stacked layout).
+
+    ``ignore_prefixes``: extra keys to drop, e.g. a MAGE-C checkpoint's projection head,
+    which the error for unknown keys names. ``source`` names the input in errors.
+    """
+    dropped = set(_check_keys(state_dict, ignore_prefixes, source))
+    if dropped:
+        logging.info("%s: ignoring %d key(s) under %s: %s", source, len(dropped),
+                     ", ".join(map(repr, ignore_prefixes)), ", ".join(sorted(dropped)))
     sd = {k: _to_numpy(v) for k, v in state_dict.items()
-          if not k.startswith(UNUSED_PREFIXES) and k not in UNUSED_KEYS}
+          if not k.startswith(UNUSED_PREFIXES) and k not in UNUSED_KEYS and k not in dropped}
     word = sd["token_emb.word_embeddings.weight"]
     vocab, embed_dim = word.shape
     dec_pos = sd["decoder_pos_embed_learned"].reshape(-1, sd["decoder_pos_embed_learned"].shape[-1])

@@ -15,7 +15,9 @@ Typical use::
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import pickle
 import re
 from typing import Any, Mapping
 
@@ -23,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from mage_jax.models.vqgan import VQGAN, _tokenizer_section
@@ -204,20 +207,68 @@ def check_tokenizer_params(params, spec) -> VQGAN:
     raise AssertionError("unreachable")
 
 
+# Besides tensors and plain containers, the official MAGE trainer's ``checkpoint-*.pth``
+# (util/misc.py save_model: model, optimizer, epoch, scaler, args) pickles exactly one class:
+# its ``argparse.Namespace`` of command-line arguments. The optimizer and GradScaler state
+# dicts are plain dicts/lists/tuples of numbers and tensors. These types are allowed only
+# inside our own ``torch.load`` call (``safe_globals`` context), never process-wide.
+TRAINER_SAFE_GLOBALS = (argparse.Namespace,)
+_DDP_PREFIX = "module."
+
+
+def _global_name(obj) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _refusal(path, error: Exception, torch) -> str:
+    """One message for a file that the weights-only unpickler refused: which types, and why."""
+    allowed = {_global_name(t) for t in TRAINER_SAFE_GLOBALS}
+    try:  # zip checkpoints (torch >= 1.6) can be scanned without unpickling anything
+        found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+                 if g not in allowed]
+    except (ValueError, RuntimeError, OSError):  # legacy/unreadable: use torch's message
+        found = []
+    found = found or [g for g in re.findall(r"GLOBAL ([\w.]+)", str(error)) if g not in allowed]
+    if found:
+        return (f"{path} holds pickled Python objects that a weights-only load refuses: "
+                f"{', '.join(found)}. mage_jax reads tensors, plain containers and what the "
+                f"official MAGE trainer saves (model, optimizer, epoch, scaler and args, an "
+                f"argparse.Namespace) and runs no pickled code. If you trust the file, keep only "
+                f"its weights with PyTorch: torch.save({{'model': torch.load('{path}', "
+                f"weights_only=False)['model']}}, 'weights.pth') (['state_dict'] for a Lightning "
+                f".ckpt), then convert weights.pth.")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+    return (f"{path} is not a PyTorch checkpoint that torch.load(weights_only=True) can read"
+            + (f" ({detail.group(1).strip()})" if detail else "")
+            + "; pass a .pth/.ckpt file written by torch.save.")
+
+
 def load_torch_state_dict(path) -> dict[str, np.ndarray]:
     """Reads a PyTorch checkpoint into numpy arrays (``weights_only``: no code is run).
 
     Takes the ``state_dict`` entry of a Lightning checkpoint or the ``model`` entry of a MAGE
-    ``.pth`` when present, else the file's top-level dict. Non-tensor entries are dropped.
+    ``.pth`` (a release, or a ``checkpoint-*.pth`` of the official trainer, whose optimizer,
+    scaler, epoch and args are read but not used) when present, else the file's top-level
+    dict. Non-tensor entries are dropped. A ``module.`` prefix on every key (the state dict of
+    a DistributedDataParallel-wrapped model) is stripped, with a logged message.
+
+    Raises ValueError naming the file and the refused types if it pickles anything else.
     """
     try:
         import torch
     except ImportError as e:
         raise ImportError("reading PyTorch checkpoints needs torch: "
                           "pip install 'mage_jax[torch]'") from e
-    data = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(list(TRAINER_SAFE_GLOBALS)):
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(_refusal(path, e, torch)) from None
     if not isinstance(data, Mapping):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a state dict.")
+    if isinstance(data.get("model"), Mapping) and "optimizer" in data:
+        logging.info("%s is a training checkpoint (epoch %s): converting its 'model' entry; its "
+                     "optimizer, scaler and args are not used.", path, data.get("epoch", "?"))
     for entry in ("state_dict", "model"):
         if isinstance(data.get(entry), Mapping):
             data = data[entry]
@@ -229,4 +280,8 @@ def load_torch_state_dict(path) -> dict[str, np.ndarray]:
             if value.dtype == torch.bfloat16:  # numpy has no bfloat16
                 value = value.float()
             out[key] = value.numpy()
+    if out and all(k.startswith(_DDP_PREFIX) for k in out):
+        logging.warning("%s: stripped the %r prefix from all %d keys (the state dict of a "
+                        "DistributedDataParallel-wrapped model).", path, _DDP_PREFIX, len(out))
+        out = {k[len(_DDP_PREFIX):]: v for k, v in out.items()}
     return out

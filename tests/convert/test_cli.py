@@ -5,7 +5,13 @@ holding ``{'model': state_dict}`` (tokenizer under ``vqgan.``) and a Lightning-s
 ``.ckpt`` holding ``{'state_dict': ...}``. The command's outputs must restore to params
 that reproduce the official outputs, and a converted MAGE's tokenizer must be usable as
 ``tokenizer_workdir`` of a pretraining run. Every size comes from the fixture's meta.
+
+The official trainer's ``checkpoint-*.pth`` (with optimizer, scaler, epoch and args; also
+with a DDP ``module.`` prefix) must convert to exactly the params of the release-style
+file; extra keys (a MAGE-C head) are named and dropped only on request; a file that pickles
+anything else is refused before anything is written.
 """
+import importlib.util
 import json
 import math
 import os
@@ -17,16 +23,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
+torch = pytest.importorskip(
+    "torch", reason="the conversion command reads PyTorch files: pip install 'mage_jax[torch]'")
+
+from convert.test_torch_tokenizer import (_Forbidden, fixture_state_dict,
+                                          official_training_checkpoint)
 from mage_jax import checkpointing, metrics
+from mage_jax.convert import __main__ as convert_cli
 from mage_jax.models.mage import MAGE
 from mage_jax.models.vqgan import VQGAN
 from mage_jax.train import stages
 from tiny_configs import tiny_pretrain_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-_PREFIX = "state_dict/"
 
 
 def _run_convert(*args):
@@ -60,8 +70,7 @@ def _assert_tokenizer_output(directory, fixture):
 @pytest.fixture(scope="module")
 def torch_files(mage_torch_fixture, tmp_path_factory):
     root = tmp_path_factory.mktemp("torch_files")
-    state_dict = {k[len(_PREFIX):]: torch.from_numpy(np.array(v))
-                  for k, v in mage_torch_fixture.items() if k.startswith(_PREFIX)}
+    state_dict = fixture_state_dict(mage_torch_fixture, torch)
     mage_path, vqgan_path = root / "mage-tiny.pth", root / "vqgan-tiny.ckpt"
     torch.save({"model": state_dict, "epoch": 1599}, mage_path)
     vqgan_sd = {k[len("vqgan."):]: v for k, v in state_dict.items() if k.startswith("vqgan.")}
@@ -172,3 +181,101 @@ def test_converted_tokenizer_serves_pretraining(converted_mage, mage_torch_fixtu
     assert all(math.isfinite(r["loss"]) for r in logged)
     assert 0.5 * math.log(meta["codebook_size"]) < logged[0]["nll"] < 2 * math.log(
         meta["vocab_size"])
+
+
+# --------------------------------------------- training checkpoints, MAGE-C, refused files
+
+def _config_from_file(path):
+    spec = importlib.util.spec_from_file_location("fixture_sizes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _assert_same_conversion(output, reference):
+    """Both outputs hold the same params (tree and values), sizes and tokenizer."""
+    for sub in ("", "tokenizer"):
+        got, got_step = checkpointing.restore_params(str(output / sub))
+        want, want_step = checkpointing.restore_params(str(reference / sub))
+        assert got_step == want_step == 0
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+        got_desc = json.loads((output / sub / "config.json").read_text())
+        want_desc = json.loads((reference / sub / "config.json").read_text())
+        key = "tokenizer" if sub else "model"
+        assert got_desc[key] == want_desc[key]
+
+
+@pytest.mark.parametrize("ddp", [False, True], ids=["plain", "ddp"])
+def test_official_training_checkpoint_converts_like_the_release(
+        ddp, converted_mage, mage_torch_fixture, pretrain_config_file, tmp_path):
+    path = tmp_path / "checkpoint-1599.pth"
+    torch.save(official_training_checkpoint(
+        fixture_state_dict(mage_torch_fixture, torch, prefix="module." if ddp else ""), torch,
+        epoch=1599), path)
+    output = tmp_path / "converted"
+    sizes = convert_cli.convert_mage_file(str(path), _config_from_file(pretrain_config_file),
+                                          str(output))
+    assert sizes == json.loads((converted_mage / "config.json").read_text())["model"]
+    _assert_same_conversion(output, converted_mage)
+
+
+_MAGE_C_EXTRA = {"proj_head.0.weight": (32, 16), "proj_head.0.bias": (32,),
+                 "proj_head.2.weight": (8, 32), "proj_head.2.bias": (8,), "temperature": ()}
+
+
+@pytest.fixture(scope="module")
+def mage_c_file(mage_torch_fixture, tmp_path_factory):
+    """A release-style file with extra keys as a MAGE-C checkpoint may carry (the official
+    repository has no MAGE-C code, so the names here are made up; any names are handled)."""
+    state_dict = fixture_state_dict(mage_torch_fixture, torch)
+    state_dict.update({k: torch.ones(shape) for k, shape in _MAGE_C_EXTRA.items()})
+    path = tmp_path_factory.mktemp("mage_c") / "mage-c-tiny.pth"
+    torch.save({"model": state_dict}, path)
+    return path
+
+
+def test_mage_c_extra_keys_are_named_with_the_fix(mage_c_file, pretrain_config_file, tmp_path):
+    config = _config_from_file(pretrain_config_file)
+    output = tmp_path / "converted"
+    with pytest.raises(ValueError) as error:
+        convert_cli.convert_mage_file(str(mage_c_file), config, str(output))
+    message = str(error.value)
+    assert message.startswith(f"{mage_c_file} has 5 key(s) that the official "
+                              f"MaskedGenerativeEncoderViT does not have: ")
+    for key in _MAGE_C_EXTRA:
+        assert repr(key) in message
+    assert "MAGE-C" in message and "--ignore_keys=proj_head.,temperature " in message
+    assert "ignore_prefixes=('proj_head.', 'temperature')" in message
+    # A prefix that would drop the model's own weights is refused, naming the weight.
+    with pytest.raises(ValueError, match=r"ignore prefix 'blocks\.' matches 'blocks\.0\.attn"
+                                         r"\.proj\.bias' \(\d+ keys\), a weight of the MAGE"):
+        convert_cli.convert_mage_file(str(mage_c_file), config, str(output),
+                                      ignore_keys=["blocks.", "proj_head.", "temperature"])
+    assert not output.exists()
+
+
+def test_mage_c_converts_with_ignore_keys(mage_c_file, converted_mage, pretrain_config_file,
+                                          tmp_path):
+    output = tmp_path / "converted"
+    result = _run_convert("mage", f"--torch_checkpoint={mage_c_file}",
+                          f"--config={pretrain_config_file}", f"--output={output}",
+                          "--ignore_keys=proj_head.,temperature")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_conversion(output, converted_mage)
+    description = json.loads((output / "config.json").read_text())
+    assert description["ignored_keys"] == ["proj_head.", "temperature"]
+
+
+def test_forbidden_pickle_is_refused_before_writing(mage_torch_fixture, pretrain_config_file,
+                                                    tmp_path):
+    path = tmp_path / "checkpoint-39.pth"
+    torch.save(official_training_checkpoint(fixture_state_dict(mage_torch_fixture, torch),
+                                            torch, hook=_Forbidden()), path)
+    output = tmp_path / "converted"
+    name = f"{_Forbidden.__module__}._Forbidden"
+    with pytest.raises(ValueError, match=rf"^{path} holds pickled Python objects that a "
+                                         rf"weights-only load refuses: {name}\. .*weights.pth"):
+        convert_cli.convert_mage_file(str(path), _config_from_file(pretrain_config_file),
+                                      str(output))
+    assert not output.exists()

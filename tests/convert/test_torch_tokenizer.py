@@ -1,4 +1,12 @@
-"""Converting official (taming-named) tokenizer weights: size inference, errors, file loading."""
+"""Converting official (taming-named) tokenizer weights: size inference, errors, file loading.
+
+File loading also covers the official MAGE trainer's ``checkpoint-*.pth`` layout, a DDP
+``module.`` prefix and files that pickle anything else (refused, nothing constructed).
+"""
+import argparse
+import pathlib
+import re
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -119,7 +127,7 @@ def test_infer_tokenizer_kwargs_rejects_non_vqgan_shapes():
 
 def test_load_torch_state_dict_round_trips_a_lightning_checkpoint(mage_torch_fixture, tmp_path):
     sd = _vqgan_state_dict(mage_torch_fixture, prefix="vqgan.")
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="reading .pth files needs torch")
     path = tmp_path / "vqgan.ckpt"
     torch.save({"state_dict": {k: torch.from_numpy(v.copy()) for k, v in sd.items()},
                 "global_step": 7}, path)
@@ -132,3 +140,141 @@ def test_load_torch_state_dict_round_trips_a_lightning_checkpoint(mage_torch_fix
     path = tmp_path / "mage.pth"
     torch.save({"model": {"w": torch.ones(2, dtype=torch.bfloat16)}, "epoch": 3}, path)
     np.testing.assert_array_equal(load_torch_state_dict(path)["w"], np.ones(2, np.float32))
+
+
+# ------------------------------------------------------------------ what torch files hold
+
+class _Forbidden:
+    """No checkpoint loader may construct this: pickling an instance names it as a global."""
+
+    def __init__(self):
+        self.payload = "anything"
+
+
+def _write_marker(path):
+    pathlib.Path(path).write_text("pickled code ran")
+
+
+class _Payload:
+    """Unpickles by calling ``_write_marker``: an arbitrary-code pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return _write_marker, (self.marker,)
+
+
+def fixture_state_dict(fixture, torch, prefix=""):
+    """The official MAGE state dict of the reference fixture as torch tensors (keys with
+    ``prefix`` prepended, e.g. ``module.`` for a DDP-wrapped model)."""
+    head = "state_dict/"
+    return {prefix + k[len(head):]: torch.from_numpy(np.array(v))
+            for k, v in fixture.items() if k.startswith(head)}
+
+
+def official_training_checkpoint(state_dict, torch, epoch=39, **args):
+    """What the official trainer's util/misc.py save_model writes to checkpoint-<epoch>.pth:
+    model, optimizer (AdamW after one step), epoch, scaler (GradScaler) and args (the
+    argparse.Namespace of main_pretrain.py after init_distributed_mode and the lr rule)."""
+    params = [torch.nn.Parameter(v.detach().float().clone())
+              for k, v in state_dict.items() if k.endswith("norm.weight")][:2]
+    optimizer = torch.optim.AdamW(params, lr=2.4e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    sum((p * p).sum() for p in params).backward()
+    optimizer.step()
+    namespace = argparse.Namespace(
+        batch_size=64, epochs=1600, accum_iter=1, model="mage_vit_base_patch16", input_size=256,
+        weight_decay=0.05, lr=2.4e-3, blr=1.5e-4, min_lr=0.0, warmup_epochs=40,
+        mask_ratio_min=0.5, mask_ratio_max=1.0, mask_ratio_mu=0.55, mask_ratio_std=0.25,
+        grad_clip=3.0, data_path="/data/imagenet", output_dir="./output_dir",
+        log_dir="./output_dir", device="cuda", seed=0, resume="", start_epoch=0, num_workers=10,
+        pin_mem=True, world_size=64, local_rank=-1, dist_on_itp=False, dist_url="env://",
+        rank=0, gpu=0, distributed=True, dist_backend="nccl")
+    for key, value in args.items():
+        setattr(namespace, key, value)
+    return {"model": state_dict, "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "scaler": torch.amp.GradScaler("cpu").state_dict(), "args": namespace}
+
+
+def _assert_same_arrays(got, want):
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize("ddp", [False, True], ids=["plain", "ddp"])
+def test_official_training_checkpoint_loads_like_the_release(mage_torch_fixture, tmp_path,
+                                                              caplog, ddp):
+    torch = pytest.importorskip("torch", reason="reading .pth files needs torch")
+    release, trainer = tmp_path / "release.pth", tmp_path / "checkpoint-39.pth"
+    torch.save({"model": fixture_state_dict(mage_torch_fixture, torch)}, release)
+    saved = official_training_checkpoint(
+        fixture_state_dict(mage_torch_fixture, torch, prefix="module." if ddp else ""), torch)
+    assert isinstance(saved["optimizer"]["state"][0]["exp_avg"], torch.Tensor)
+    torch.save(saved, trainer)
+    # Plain torch refuses the file (argparse.Namespace is not allowed by default) ...
+    with pytest.raises(Exception, match="argparse.Namespace"):
+        torch.load(trainer, weights_only=True)
+    allowed_before = list(torch.serialization.get_safe_globals())
+    want = load_torch_state_dict(release)
+    with caplog.at_level("INFO"):
+        got = load_torch_state_dict(trainer)
+    # ... the loader reads it, with the same arrays as the release-style file, ...
+    assert "token_emb.word_embeddings.weight" in got and "vqgan.quantize.embedding.weight" in got
+    _assert_same_arrays(got, want)
+    # ... and the allowance was scoped to that one call.
+    assert torch.serialization.get_safe_globals() == allowed_before
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"{trainer} is a training checkpoint (epoch 39)" in m for m in messages)
+    stripped = [m for m in messages if "stripped the 'module.' prefix" in m]
+    assert len(stripped) == (1 if ddp else 0)
+    if ddp:
+        assert str(trainer) in stripped[0] and f"all {len(want)} keys" in stripped[0]
+
+
+def test_module_prefix_on_some_keys_only_is_kept(tmp_path):
+    torch = pytest.importorskip("torch", reason="reading .pth files needs torch")
+    path = tmp_path / "mixed.pth"
+    torch.save({"model": {"module.a": torch.zeros(1), "b": torch.ones(1)}}, path)
+    assert sorted(load_torch_state_dict(path)) == ["b", "module.a"]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy_format"])
+def test_forbidden_class_is_refused_naming_it(mage_torch_fixture, tmp_path, legacy):
+    """An official-layout file whose args smuggle in another class: still refused, even
+    inside the allowed argparse.Namespace, naming the file, the class and the fix."""
+    torch = pytest.importorskip("torch", reason="reading .pth files needs torch")
+    path = tmp_path / "checkpoint-39.pth"
+    saved = official_training_checkpoint(fixture_state_dict(mage_torch_fixture, torch), torch,
+                                         hook=_Forbidden())
+    torch.save(saved, path, _use_new_zipfile_serialization=not legacy)
+    name = f"{_Forbidden.__module__}._Forbidden"
+    with pytest.raises(ValueError) as error:
+        load_torch_state_dict(path)
+    message = str(error.value)
+    assert message.startswith(f"{path} holds pickled Python objects that a weights-only load "
+                              f"refuses: {name}.")
+    assert f"torch.load('{path}', weights_only=False)['model']" in message  # the fix
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+
+
+def test_code_running_pickle_is_refused_before_it_runs(tmp_path):
+    torch = pytest.importorskip("torch", reason="reading .pth files needs torch")
+    marker, path = tmp_path / "marker.txt", tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "extra": _Payload(marker)}, path)
+    name = f"{_write_marker.__module__}._write_marker"
+    with pytest.raises(ValueError, match=re.escape(f"{path} holds pickled Python objects that "
+                                                   f"a weights-only load refuses: {name}.")):
+        load_torch_state_dict(path)
+    assert not marker.exists()
+
+
+def test_non_checkpoint_file_is_named(tmp_path):
+    pytest.importorskip("torch", reason="reading .pth files needs torch")
+    path = tmp_path / "notes.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a PyTorch checkpoint that "
+                                                   f"torch.load(weights_only=True) can read")):
+        load_torch_state_dict(path)
