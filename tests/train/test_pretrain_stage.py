@@ -90,9 +90,16 @@ def test_contrastive_bf16_remat_scan_and_tokenizer_first(tmp_path):
     config.model.update(dtype="bfloat16", remat=True, scan_layers=True)
     state, records = _run(config, tmp_path)
     assert sorted(os.listdir(tmp_path / "tokenizer" / "checkpoints")) == ["2"]
+    weight = config.contrastive.weight
     for r in records:
         assert np.isfinite(r["contrastive_loss"]) and 0 <= r["contrastive_accuracy"] <= 1
-        assert np.isfinite(r["loss"])
+        # The mean of the two views' losses plus the weighted InfoNCE (recomputed from the
+        # model's outputs in tests/train/test_stage_losses.py).
+        np.testing.assert_allclose(
+            r["loss"], r["reconstruction_loss"] + weight * r["contrastive_loss"], rtol=1e-5)
+        # The share of the 2B embeddings whose nearest one is their other view.
+        hits = r["contrastive_accuracy"] * 2 * config.batch_size
+        assert abs(hits - round(hits)) < 1e-4
     # bf16 compute keeps float32 parameters and optimizer state.
     assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
     assert "projection" in state["params"]
