@@ -44,6 +44,12 @@ if _REPO not in sys.path:  # `python benchmarks/train_throughput.py` from a chec
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mage_jax import xla_defaults  # noqa: E402
+
+# As the entry point does: what users run is what is timed (MAGE_JAX_XLA_DEFAULTS=0 for the
+# plain XLA defaults; the result file records XLA_FLAGS).
+xla_defaults.apply()
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Stage config, e.g. configs/pretrain.py:demo (overrides: --config.k=v).",
     lock_config=True)

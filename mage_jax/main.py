@@ -14,6 +14,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import sys
 
+from mage_jax import xla_defaults
+
+xla_defaults.apply()  # before any JAX backend starts (mage_jax/xla_defaults.py says why)
+
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
