@@ -5,6 +5,7 @@ and the config is locked, so an unknown key stops the run before anything happen
 """
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
 import time
@@ -14,7 +15,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import sys
 
-from mage_jax import xla_defaults
+from mage_jax import workdir_lock, xla_defaults
+from mage_jax.train import interrupt
 
 xla_defaults.apply()  # before any JAX backend starts (mage_jax/xla_defaults.py says why)
 
@@ -33,6 +35,8 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (only where not auto-detected).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (manual).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (manual).")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "On an error, show the Python traceback (also MAGE_JAX_VERBOSE=1).")
 
 
 def _multi_host_environment() -> bool:
@@ -98,26 +102,61 @@ def run(config, workdir: str):
     return state
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a clear message for an override of a key the config lacks.
+# Errors a user can cause (a config value, the mesh, the batch, a dataset, a workdir, a
+# checkpoint, a weights file) are raised as these; the entry point prints them as one line.
+USER_ERRORS = (ValueError, OSError)
+USAGE_STATUS = 2  # the exit status of every such error
 
-    ml_collections raises a bare AttributeError (a traceback) for ``--config.no_such_key=1``
-    on a locked config; this prints one line naming the override and exits with status 1.
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _verbose() -> bool:
+    return bool(_VERBOSE.value) or os.environ.get("MAGE_JAX_VERBOSE", "") not in ("", "0")
+
+
+def exit_with_error(error: BaseException, prefix: str = "ERROR",
+                    hint: str = "--verbose for the traceback") -> None:
+    """One line on stderr naming the error (its message names the value and the fix), then
+    exit status 2."""
+    sys.stderr.write(f"{prefix}: {_one_line(error) or type(error).__name__} "
+                     f"[{type(error).__name__}; {hint}]\n")
+    sys.exit(USAGE_STATUS)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every error as one line and exit status 2.
+
+    ml_collections raises a bare AttributeError for ``--config.no_such_key=1`` on a locked
+    config, and wraps an error of the config file (``configs/pretrain.py:vit_xl``) with its
+    whole traceback; both become one line naming the value and the fix.
     """
     try:
-        return app.parse_flags_with_usage(argv)  # prints other flag errors and exits
-    except (AttributeError, KeyError) as e:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, flags.Error):
+        if os.environ.get("MAGE_JAX_VERBOSE", "") not in ("", "0"):
+            raise
+        _parse_error(argv, sys.exc_info()[1])
+
+
+def _parse_error(argv: list[str], e: Exception) -> None:
+    hint = "MAGE_JAX_VERBOSE=1 for the traceback"
+    if isinstance(e, (AttributeError, KeyError)):
         detail = e
         while isinstance(detail, (AttributeError, KeyError)) and detail.args:
             detail = detail.args[0]  # AttributeError(KeyError("'key'\nDid you mean ...?"))
-        detail = " ".join(str(detail).split())
         overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-        sys.stderr.write(
-            f"FATAL Flags parsing error: unknown config key {detail} (overrides given: "
-            f"{', '.join(overrides)}). The config is locked, so --config.<key>=<value> must name "
-            f"a key that the config file defines (configs/<stage>.py, or config.json in a run's "
-            f"workdir): fix the spelling or drop the override.\n")
-        sys.exit(1)
+        exit_with_error(ValueError(
+            f"unknown config key {_one_line(detail)} (overrides given: {', '.join(overrides)}). "
+            f"The config is locked, so --config.<key>=<value> must name a key that the config "
+            f"file defines (configs/<stage>.py, or config.json in a run's workdir): fix the "
+            f"spelling or drop the override."), "FATAL Flags parsing error", hint)
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
+    # A config file's own error comes last, after the traceback the flag wraps it in.
+    where = lines[0].split(": Error whilst parsing")[0] if len(lines) > 1 else ""
+    exit_with_error(ValueError(f"{where}: {lines[-1]}" if where else lines[-1]),
+                    "FATAL Flags parsing error", hint)
 
 
 def main(argv):
@@ -126,8 +165,35 @@ def main(argv):
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/mage_demo.")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    initialize_distributed()
-    run(_CONFIG.value, _WORKDIR.value)
+    workdir = _WORKDIR.value
+    new_workdir = not os.path.exists(workdir)
+    lock = None
+    try:
+        initialize_distributed()
+        import jax
+        if workdir_lock.lockable(workdir) and jax.process_index() == 0:
+            lock = workdir_lock.WorkdirLock(workdir).acquire()  # one run per workdir
+        if _CONFIG.value.get("stage") in interrupt.STAGES:
+            interrupt.install()  # SIGTERM / Ctrl-C: checkpoint, then stop (train/interrupt.py)
+        run(_CONFIG.value, workdir)
+    except interrupt.Stopped as e:
+        logging.warning("%s: its checkpoint is saved; run the same command to resume.", e)
+    except USER_ERRORS as e:
+        if lock is not None and new_workdir:
+            lock.release()  # a run refused before it wrote anything leaves no directory
+            lock = None
+            os.remove(os.path.join(workdir, workdir_lock.LOCK_NAME))
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)  # only if empty
+        if _verbose():
+            raise
+        logging.flush()
+        exit_with_error(e)
+    finally:
+        if lock is not None:
+            lock.release()
+    if interrupt.requested():
+        sys.exit(interrupt.exit_status())  # 0 after SIGTERM, 130 after Ctrl-C
 
 
 if __name__ == "__main__":

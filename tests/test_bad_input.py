@@ -98,7 +98,7 @@ def test_unknown_config_key_fails_fast_on_the_command_line(tmp_path, override, n
         [sys.executable, "-m", "mage_jax.main", "--config=configs/tokenizer.py:demo", override,
          f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - start
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert named in result.stderr and override.split("=")[0] in result.stderr, result.stderr
     assert "fix the spelling" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr  # one clear line, not a stack
@@ -114,9 +114,29 @@ def test_unknown_config_argument(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mage_jax.main", "--config=configs/pretrain.py:vit_xl",
          f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "vit_xl" in result.stderr and "contrastive" in result.stderr, result.stderr
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("FATAL Flags parsing error: flag --config=configs/pretrain.py:vit_xl")
+    assert "vit_xl" in last and "contrastive" in last, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_error_during_the_run_is_one_line_with_status_2_and_verbose_shows_the_traceback(
+        tmp_path):
+    command = [sys.executable, "-m", "mage_jax.main", "--config=configs/tokenizer.py:demo",
+               "--config.mesh.data=3", f"--workdir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ERROR: config.mesh asks for data=3 x fsdp=1 x tensor=1 = 3 devices")
+    assert "--config.mesh.data=-1" in last and "--verbose for the traceback" in last
+    assert not (tmp_path / "run").exists()  # refused before writing: no directory left
+    verbose = subprocess.run(command + ["--verbose"], cwd=REPO, capture_output=True, text=True,
+                             timeout=180)
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+    assert "config.mesh asks for data=3" in verbose.stderr
 
 
 # --------------------------------------------------------------------- mesh and batch

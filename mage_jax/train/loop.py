@@ -25,6 +25,7 @@ from clu import periodic_actions
 
 from mage_jax import checkpointing, metrics as metrics_lib, sharding, validation
 from mage_jax.data import pipeline
+from mage_jax.train import interrupt
 
 State = dict  # {"step": int32 scalar, "params": ..., "opt_state": ..., stage extras}
 
@@ -174,12 +175,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             for evaluator in evaluators:
                 if step % evaluator.every == 0 or step == config.total_steps:
                     _run_evaluator(writer, evaluator, state, frozen, mesh, step)
-            preempted = checkpointer.reached_preemption(step)
+            # A preemption notice to any host (orbax), or SIGTERM / Ctrl-C to this one.
+            preempted = checkpointer.reached_preemption(step) or interrupt.requested()
             if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
                 _check_finite(step, step_metrics)
                 checkpointer.save(step, state, data_iter)
             if preempted:
-                logging.warning("Preempted at step %d: checkpoint saved, stopping.", step)
+                checkpointer.wait()
+                logging.warning("Stopped at step %d (%s): checkpoint saved; run the same "
+                                "command to resume.", step,
+                                "signal %d" % interrupt.received() if interrupt.requested()
+                                else "preemption notice")
                 break
         # ---------------------------------------------------------------- evaluate
         if (stage.evaluate is not None and int(config.eval.num_examples) != 0

@@ -18,7 +18,7 @@ from absl import logging
 from mage_jax import checkpointing, masking, optim, pretrained, sharding, validation
 from mage_jax.convert import torch_tokenizer
 from mage_jax.models import contrastive, mage, vqgan
-from mage_jax.train import evaluation, loop, report
+from mage_jax.train import evaluation, interrupt, loop, report
 
 
 class TokenizerMismatchError(ValueError):
@@ -48,6 +48,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, devices=None
                 f"{tok_dir}), or build this stage through mage_jax.train.stages.run.")
         logging.info("Training the tokenizer first, in %s.", tok_dir)
         train_tokenizer(tokenizer_stage_config(config), tok_dir)
+        interrupt.raise_if_requested(f"while training the tokenizer in {tok_dir}")
     elif step is None:
         raise FileNotFoundError(
             f"no tokenizer checkpoint in {tok_dir}/checkpoints. Train one "
