@@ -187,14 +187,16 @@ def batches(config, stage, mesh, data: str):
     import jax
     import numpy as np
     from mage_jax import sharding
-    from mage_jax.data import pipeline
+    from mage_jax.data import datasets, pipeline
     if data == "pipeline":
         it = pipeline.train_iterator(
             config.data, seed=config.seed, global_batch_size=config.batch_size,
             process_index=jax.process_index(), process_count=jax.process_count(),
             two_views=stage.two_views)
         while True:
-            yield sharding.host_batch_to_global(next(it), mesh)
+            host_batch = next(it)
+            host_batch.pop(datasets.SKIPPED_KEY, None)  # a host-side count, as the loop does
+            yield sharding.host_batch_to_global(host_batch, mesh)
     rng = np.random.default_rng(0)
     local = config.batch_size // jax.process_count()
     size = config.data.image_size

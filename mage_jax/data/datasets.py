@@ -41,11 +41,34 @@ def folder_root(manual_dir, split: str) -> pathlib.Path:
     return root / split if (root / split).is_dir() else root
 
 
+# What PIL raises for a file it cannot read as an image: not an image (UnidentifiedImageError,
+# an OSError), truncated or corrupt data (OSError, SyntaxError from some plugins), an
+# impossible header (ValueError). PIL's decompression-bomb guard is not caught: it stops.
+_UNREADABLE = (OSError, SyntaxError, ValueError)
+SKIPPED_KEY = "data_skipped"  # per example: the unreadable files passed over to reach it
+
+
+def decode_image(path: str) -> np.ndarray:
+    """One file -> uint8 (H, W, 1) for grey images, (H, W, 3) for everything else (RGBA,
+    palette and CMYK images are converted to RGB). Raises what PIL raises if unreadable."""
+    from PIL import Image  # Imported lazily: only folder datasets need it here.
+    with Image.open(path) as img:
+        img.load()  # decode now: a truncated file fails here, not later
+        img = img.convert("L") if img.mode in ("L", "1", "I;16", "I") else img.convert("RGB")
+        image = np.asarray(img, dtype=np.uint8)
+    return image[..., None] if image.ndim == 2 else image
+
+
 class FolderSource:
     """Random access to ``root/<class>/<...>/<image>``; labels index the sorted class names.
 
     The same layout as torchvision's ImageFolder (which the official MAGE code reads
     ImageNet with), decoded with PIL: 1-channel images stay (H, W, 1), others become RGB.
+    A file that does not decode (corrupt, truncated, empty, not an image) is passed over:
+    example ``i`` is then the next readable file after it, so which image each index gives,
+    and so every batch, depends on the files alone (a resumed run sees the same batches),
+    and ``data_skipped`` in the example counts the files passed over (the training loop
+    logs their sum as ``data/skipped``).
     """
 
     def __init__(self, root):
@@ -66,12 +89,21 @@ class FolderSource:
         return len(self._files)
 
     def __getitem__(self, index: int) -> dict:
-        from PIL import Image  # Imported lazily: only folder datasets need it here.
-        path, label = self._files[index]
-        with Image.open(path) as img:
-            img = img.convert("L") if img.mode in ("L", "1", "I;16", "I") else img.convert("RGB")
-            image = np.asarray(img, dtype=np.uint8)
-        return {"image": image[..., None] if image.ndim == 2 else image, "label": label}
+        for skipped in range(len(self._files)):
+            path, label = self._files[(index + skipped) % len(self._files)]
+            try:
+                image = decode_image(path)
+            except _UNREADABLE:
+                continue
+            return {"image": image, "label": label, SKIPPED_KEY: np.int32(skipped)}
+        raise DatasetNotFoundError(
+            f"none of the {len(self._files)} files under {self.root} decodes as an image (all "
+            f"are corrupt, empty or not images); point config.data.manual_dir at readable ones.")
+
+    def first_readable(self) -> int:
+        """Index of the first file that decodes (cheap for a healthy folder: the first);
+        raises DatasetNotFoundError when none does."""
+        return int(self[0][SKIPPED_KEY])
 
     def __repr__(self) -> str:
         return f"FolderSource({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
@@ -158,6 +190,7 @@ def check_dataset(data_cfg, split: str) -> None:
         if not any(p.is_dir() for p in root.iterdir()):
             raise DatasetNotFoundError(
                 f"{root} has no class subfolders; the folder dataset reads root/<class>/<image>.")
+        FolderSource(root).first_readable()  # nothing readable: say so before compiling
         return
     data_dir = fashion_mnist.resolve_data_dir(data_cfg.get("data_dir"))
     builder = _tfds_builder(name, data_dir)

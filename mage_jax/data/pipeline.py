@@ -124,6 +124,8 @@ class TrainAugment:
 def _train_example(example, rng, *, aug: TrainAugment, two_views: bool) -> dict:
     image = example["image"]
     out = {"image": aug.view(image, rng, contrastive=two_views), "label": _label(example)}
+    if datasets.SKIPPED_KEY in example:  # folder datasets: unreadable files passed over
+        out[datasets.SKIPPED_KEY] = np.int32(example[datasets.SKIPPED_KEY])
     if two_views:  # MAGE-C: a second, independently augmented view of the same image.
         out["image2"] = aug.view(image, rng, contrastive=True)
     return out

@@ -24,7 +24,7 @@ from absl import logging
 from clu import periodic_actions
 
 from mage_jax import checkpointing, metrics as metrics_lib, sharding, validation
-from mage_jax.data import pipeline
+from mage_jax.data import datasets, pipeline
 from mage_jax.train import interrupt
 
 State = dict  # {"step": int32 scalar, "params": ..., "opt_state": ..., stage extras}
@@ -161,14 +161,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     timer = _Throughput(start_step, config.batch_size)
     last_metrics = None
     step = start_step
+    skipped = 0  # unreadable files passed over by this host's input since the run started
     try:
         for step in range(start_step + 1, config.total_steps + 1):
-            batch = sharding.host_batch_to_global(next(data_iter), mesh)
+            host_batch = next(data_iter)
+            # Unreadable files the folder source passed over (mage_jax/data/datasets.py):
+            # counted on the host, never sent to the devices.
+            skipped += int(np.sum(host_batch.pop(datasets.SKIPPED_KEY, 0)))
+            batch = sharding.host_batch_to_global(host_batch, mesh)
             state, step_metrics = train_step(state, batch, frozen)
             progress(step)
             # The first step is logged too: the loss a run starts from.
             if step % config.log_every == 0 or step in (1, config.total_steps):
-                last_metrics = _log(writer, step, step_metrics, timer)
+                last_metrics = _log(writer, step, step_metrics, timer,
+                                    {"data/skipped": skipped} if skipped else {})
             if summarize is not None and step % config.image_summary_every == 0:
                 images = jax.device_get(summarize(state, batch, frozen))
                 writer.write_images(step, {k: np.asarray(v) for k, v in images.items()})
@@ -239,9 +245,10 @@ class _Throughput:
         return {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self._batch_size}
 
 
-def _log(writer, step, step_metrics, timer: _Throughput) -> dict:
+def _log(writer, step, step_metrics, timer: _Throughput, extra=None) -> dict:
     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     _check_finite(step, step_metrics)
     values.update(timer(step))
+    values.update({k: float(v) for k, v in (extra or {}).items()})
     writer.write_scalars(step, values)  # clu's logging writer also prints them
     return values
