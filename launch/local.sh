@@ -14,7 +14,9 @@ if [[ $# -lt 2 ]]; then
 fi
 CONFIG=$1; WORKDIR=$2; shift 2
 if [[ -n "${SIMULATE_DEVICES:-}" ]]; then
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$SIMULATE_DEVICES"
+  # Simulated devices share the CPU and can reach a collective far apart in time; XLA:CPU
+  # would abort the run after its default limit (tests/conftest.py says more).
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$SIMULATE_DEVICES --xla_cpu_collective_call_terminate_timeout_seconds=300"
 fi
 PROCESSES=${PROCESSES:-1}
 if [[ "$PROCESSES" -le 1 ]]; then

@@ -24,6 +24,7 @@ class JsonlWriter(interface.MetricWriter):
 
     def __init__(self, path: str):
         self._path = path
+        _drop_partial_last_line(path)
         self._file = open(path, "a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -60,6 +61,17 @@ class JsonlWriter(interface.MetricWriter):
 
     def close(self):
         self._file.close()
+
+
+def _drop_partial_last_line(path: str) -> None:
+    """A process killed while writing a line leaves it without its newline; the next run's
+    first line would be glued to it. Cut it off (its step is logged again on resume)."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:

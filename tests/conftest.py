@@ -13,6 +13,14 @@ if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
 if "xla_backend_optimization_level" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
+# XLA:CPU aborts the whole process (LOG(FATAL), "Termination timeout ... exceeded") when the
+# simulated devices of one collective do not all reach it within a time limit. With 8
+# devices on 2 busy cores (two test workers) a sharded run's devices can fall that far
+# behind each other (a 1-second limit aborts them on a loaded machine). Only the limit
+# changes; a real hang still ends, after 3 minutes.
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
+    _flags += (" --xla_cpu_collective_call_terminate_timeout_seconds=180"
+               " --xla_cpu_collective_call_warn_stuck_timeout_seconds=60")
 os.environ["XLA_FLAGS"] = _flags.strip()
 
 import numpy as np

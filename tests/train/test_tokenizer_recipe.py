@@ -10,8 +10,14 @@ from mage_jax.train import stages, tokenizer
 from tests.tiny_configs import tiny_tokenizer_config
 
 
+def _with_ema(total_steps=4):
+    config = tiny_tokenizer_config(total_steps)
+    config.ema_decay = 0.9
+    return config
+
+
 def test_ema_follows_the_polyak_average_of_the_weights():
-    config = tiny_tokenizer_config()
+    config = _with_ema()
     decay = config.ema_decay
     stage = tokenizer.build_stage(config)
     state = nn.unbox(stage.init_state(jax.random.key(0)))
@@ -36,7 +42,7 @@ def test_ema_follows_the_polyak_average_of_the_weights():
 
 
 def test_restored_tokenizer_is_the_ema(tmp_path):
-    config = tiny_tokenizer_config(total_steps=2)
+    config = _with_ema(total_steps=2)
     state = jax.device_get(stages.run(config, str(tmp_path), devices=jax.devices()[:1]))
     params, step = checkpointing.restore_params(str(tmp_path))
     raw, _ = checkpointing.restore_params(str(tmp_path), ema=False)
@@ -48,7 +54,7 @@ def test_restored_tokenizer_is_the_ema(tmp_path):
 
 
 def test_bad_decay_is_refused_before_compiling(tmp_path):
-    config = tiny_tokenizer_config()
+    config = _with_ema()
     config.ema_decay = 1.0
     with pytest.raises(ValueError, match="ema_decay=1.0"):
         stages.run(config, str(tmp_path), devices=jax.devices()[:1])
