@@ -126,6 +126,13 @@ class DownBlock(nn.Module):
         return (h + s) * (1.0 / math.sqrt(2.0))
 
 
+def _check_nhwc(images, name: str) -> None:
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"{name} expects NHWC images (B, H, W, C); got shape {images.shape}. "
+            f"Transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
+
+
 class StyleGANDiscriminator(nn.Module):
     """Real/fake logits (B,) for NHWC images in [0, 1].
 
@@ -146,10 +153,7 @@ class StyleGANDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-            raise ValueError(
-                f"StyleGANDiscriminator expects NHWC images (B, H, W, C); got shape {images.shape}. "
-                f"Transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
+        _check_nhwc(images, "StyleGANDiscriminator")
         factor = 2 ** len(self.ch_mult)
         _, height, width, _ = images.shape
         if height % factor or width % factor:
@@ -295,10 +299,7 @@ class MaskGITDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-            raise ValueError(
-                f"MaskGITDiscriminator expects NHWC images (B, H, W, C); got shape {images.shape}. "
-                f"Transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
+        _check_nhwc(images, "MaskGITDiscriminator")
         _, height, width, _ = images.shape
         if height != width or height < 4 or height & (height - 1):
             raise ValueError(
