@@ -172,13 +172,7 @@ def build_step(config, workdir: str):
     state = init(init_rng)
     frozen = None if stage.frozen is None else jax.device_put(stage.frozen,
                                                               sharding.replicated(mesh))
-
-    def step_fn(state, batch, frozen):
-        rng = jax.random.fold_in(train_rng, state["step"])
-        return stage.train_step(state, batch, rng, frozen)
-
-    train_step = jax.jit(step_fn, donate_argnums=0,
-                         out_shardings=(state_shardings, sharding.replicated(mesh)))
+    train_step = loop.jit_train_step(stage, mesh, state_shardings, train_rng)
     return stage, mesh, train_step, state, frozen
 
 

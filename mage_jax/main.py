@@ -15,7 +15,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import sys
 
-from mage_jax import workdir_lock, xla_defaults
+from mage_jax import cli, workdir_lock, xla_defaults
 from mage_jax.train import interrupt
 
 xla_defaults.apply()  # before any JAX backend starts (mage_jax/xla_defaults.py says why)
@@ -102,63 +102,6 @@ def run(config, workdir: str):
     return state
 
 
-# Errors a user can cause (a config value, the mesh, the batch, a dataset, a workdir, a
-# checkpoint, a weights file) are raised as these; the entry point prints them as one line.
-USER_ERRORS = (ValueError, OSError)
-USAGE_STATUS = 2  # the exit status of every such error
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _verbose() -> bool:
-    return bool(_VERBOSE.value) or os.environ.get("MAGE_JAX_VERBOSE", "") not in ("", "0")
-
-
-def exit_with_error(error: BaseException, prefix: str = "ERROR",
-                    hint: str = "--verbose for the traceback") -> None:
-    """One line on stderr naming the error (its message names the value and the fix), then
-    exit status 2."""
-    sys.stderr.write(f"{prefix}: {_one_line(error) or type(error).__name__} "
-                     f"[{type(error).__name__}; {hint}]\n")
-    sys.exit(USAGE_STATUS)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with every error as one line and exit status 2.
-
-    ml_collections raises a bare AttributeError for ``--config.no_such_key=1`` on a locked
-    config, and wraps an error of the config file (``configs/pretrain.py:vit_xl``) with its
-    whole traceback; both become one line naming the value and the fix.
-    """
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError, flags.Error):
-        if os.environ.get("MAGE_JAX_VERBOSE", "") not in ("", "0"):
-            raise
-        _parse_error(argv, sys.exc_info()[1])
-
-
-def _parse_error(argv: list[str], e: Exception) -> None:
-    hint = "MAGE_JAX_VERBOSE=1 for the traceback"
-    if isinstance(e, (AttributeError, KeyError)):
-        detail = e
-        while isinstance(detail, (AttributeError, KeyError)) and detail.args:
-            detail = detail.args[0]  # AttributeError(KeyError("'key'\nDid you mean ...?"))
-        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-        exit_with_error(ValueError(
-            f"unknown config key {_one_line(detail)} (overrides given: {', '.join(overrides)}). "
-            f"The config is locked, so --config.<key>=<value> must name a key that the config "
-            f"file defines (configs/<stage>.py, or config.json in a run's workdir): fix the "
-            f"spelling or drop the override."), "FATAL Flags parsing error", hint)
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
-    # A config file's own error comes last, after the traceback the flag wraps it in.
-    where = lines[0].split(": Error whilst parsing")[0] if len(lines) > 1 else ""
-    exit_with_error(ValueError(f"{where}: {lines[-1]}" if where else lines[-1]),
-                    "FATAL Flags parsing error", hint)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.key=value.")
@@ -178,17 +121,17 @@ def main(argv):
         run(_CONFIG.value, workdir)
     except interrupt.Stopped as e:
         logging.warning("%s: its checkpoint is saved; run the same command to resume.", e)
-    except USER_ERRORS as e:
+    except cli.USER_ERRORS as e:
         if lock is not None and new_workdir:
             lock.release()  # a run refused before it wrote anything leaves no directory
             lock = None
             os.remove(os.path.join(workdir, workdir_lock.LOCK_NAME))
             with contextlib.suppress(OSError):
                 os.rmdir(workdir)  # only if empty
-        if _verbose():
+        if cli.verbose(_VERBOSE.value):
             raise
         logging.flush()
-        exit_with_error(e)
+        cli.exit_with_error(e)
     finally:
         if lock is not None:
             lock.release()
@@ -198,4 +141,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -99,6 +99,19 @@ def abstract_train_state(stage: Stage, mesh, init_rng) -> tuple[State, State]:
     return abstract_state, state_shardings
 
 
+def jit_train_step(stage: Stage, mesh, state_shardings, train_rng):
+    """The jitted ``(state, batch, frozen) -> (state, metrics)`` of a run: state donated,
+    kept in ``state_shardings``, metrics replicated, the step's key ``fold_in(train_rng,
+    step)``. The loop, the throughput benchmark and the pod planner (mage_jax/plan) all
+    compile this one function, so what is planned and timed is what trains."""
+    def step_fn(state, batch, frozen):
+        rng = jax.random.fold_in(train_rng, state["step"])
+        return stage.train_step(state, batch, rng, frozen)
+
+    return jax.jit(step_fn, donate_argnums=0,
+                   out_shardings=(state_shardings, sharding.replicated(mesh)))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: Stage,
                        devices=None, evaluators: tuple[Evaluator, ...] = ()) -> State:
     """Trains ``stage`` to ``config.total_steps`` on ``devices`` (default: all), resuming
@@ -141,12 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
               else _place_frozen(stage.frozen, mesh))
 
     # ----------------------------------------------------------------- compile
-    def step_fn(state, batch, frozen):
-        rng = jax.random.fold_in(train_rng, state["step"])
-        return stage.train_step(state, batch, rng, frozen)
-
-    train_step = jax.jit(step_fn, donate_argnums=0,
-                         out_shardings=(state_shardings, sharding.replicated(mesh)))
+    train_step = jit_train_step(stage, mesh, state_shardings, train_rng)
     summarize = None
     if stage.summarize is not None and config.image_summary_every > 0:
         summarize = jax.jit(

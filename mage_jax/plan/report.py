@@ -1,0 +1,60 @@
+"""Plans as a table for the terminal (and the README) and as JSON for scripts."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from mage_jax.plan.aot import Plan
+
+GIB = 2 ** 30
+_ABBREVIATIONS = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR",
+                  "all-to-all": "A2A", "collective-permute": "CP", "ragged-all-to-all": "RA2A"}
+COLUMNS = ("mesh d x f x t", "batch/dev", "remat", "scan", "params GiB", "opt GiB",
+           "temp GiB", "total / HBM GiB", "fits", "model TFLOP", "executed TFLOP",
+           "est. step s", "images/s", "MFU", "collectives (count, GiB)", "compile s")
+
+
+def fit_text(p: Plan) -> str:
+    return "yes" if p.fits else f"NO, over by {p.over_bytes / GIB:.1f} GiB"
+
+
+def collectives_text(p: Plan) -> str:
+    return ", ".join(f"{_ABBREVIATIONS.get(k, k)} {c['count']} / {_gib(c['bytes'])}"
+                     for k, c in p.collectives.items()) or "none"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.3g}"
+
+
+def row(p: Plan) -> list[str]:
+    mesh = " x ".join(str(p.mesh[a]) for a in ("data", "fsdp", "tensor"))
+    return [mesh, f"{p.batch_per_device:g}", "yes" if p.remat else "no",
+            "yes" if p.scan_layers else "no", _gib(p.parameter_bytes),
+            _gib(p.optimizer_bytes), _gib(p.temp_bytes),
+            f"{_gib(p.total_bytes)} / {_gib(p.hbm_bytes)}", fit_text(p),
+            f"{p.model_flops / 1e12:.3g}", f"{p.executed_dot_conv_flops / 1e12:.3g}",
+            f"{p.step_seconds:.3g}", f"{p.images_per_s:.4g}", f"{100 * p.mfu:.0f}%",
+            collectives_text(p), f"{p.compile_seconds:.0f}"]
+
+
+def table(plans: list[Plan]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(p)) + " |" for p in plans]
+    return "\n".join(lines)
+
+
+def header(p: Plan, config_name: str) -> str:
+    device = ("chip" if p.device_share_of_chip == 1 else
+              f"TensorCore ({p.device_share_of_chip:g} of a {p.chip} chip)")
+    return (f"{config_name} on {p.topology}: {p.devices} devices (one device = one {device}), "
+            f"global batch {p.batch_size}, compute {p.dtype}. Per device: bytes, FLOPs of one "
+            f"step; 'model' FLOPs are the plain program's (unrolled, no remat), 'executed' the "
+            f"compiled program's matmuls and convolutions with loops counted per iteration; "
+            f"est. step = XLA's cost model x loop correction; MFU against the chip's peak "
+            f"bf16 rate.")
+
+
+def to_json(plans: list[Plan], **extra) -> str:
+    return json.dumps({**extra, "plans": [dict(dataclasses.asdict(p), over_bytes=p.over_bytes)
+                                          for p in plans]}, indent=2)
