@@ -30,5 +30,8 @@ setup(
         # Reading released PyTorch checkpoints (.pth / .ckpt) for conversion.
         "torch": ["torch>=2.6"],
         "test": ["pytest>=8", "pytest-xdist>=3"],
+        # The pod planner (python -m mage_jax.plan): libtpu compiles for TPU slices on any
+        # machine. jax's own extra picks the libtpu that matches the installed jax.
+        "tpu": ["jax[tpu]"],
     },
 )

@@ -59,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # A hand-written LayerNorm backward (mage_jax/models/layer_norm.py); XLA:CPU's own
         # is slow. Same function and parameters; the demo turns it on.
         explicit_layer_norm_grad=False,
+        # jax.nn.dot_product_attention (cuDNN flash attention on NVIDIA GPUs). It has no
+        # attention dropout: training with it needs dropout_rate=0 (the paper uses 0.1).
+        fused_attention=False,
     ))
     # Masking ratios from a truncated normal. The official trainer draws one per GPU and
     # step for its 64 examples (numpy seeded with seed + rank): here one per group of

@@ -133,6 +133,8 @@ class MAGE(nn.Module):
     scan_layers: bool = False
     # The hand-written LayerNorm backward (mage_jax/models/layer_norm.py): faster on XLA:CPU.
     explicit_layer_norm_grad: bool = False
+    # jax.nn.dot_product_attention (cuDNN on GPUs); needs dropout_rate 0 to train (transformer.py).
+    fused_attention: bool = False
 
     # ---- special ids of the legacy vocabulary ----
     @property
@@ -160,7 +162,7 @@ class MAGE(nn.Module):
                 layer_norm_eps=self.layer_norm_eps,
                 explicit_layer_norm_grad=self.explicit_layer_norm_grad, remat=self.remat,
                 scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
-                name=name)
+                fused_attention=self.fused_attention, name=name)
 
         n = self.num_tokens + 1
         explicit = self.explicit_layer_norm_grad
@@ -346,4 +348,5 @@ def mage_from_config(config, codebook_size: int, num_tokens: int) -> MAGE:
         drop_ratio=float(_get(m, "drop_ratio", 0.5)),
         remat=bool(_get(m, "remat", False)), scan_layers=bool(_get(m, "scan_layers", False)),
         explicit_layer_norm_grad=bool(_get(m, "explicit_layer_norm_grad", False)),
+        fused_attention=bool(_get(m, "fused_attention", False)),
         dtype=dtype, param_dtype=jnp.dtype(_get(m, "param_dtype", "float32")))

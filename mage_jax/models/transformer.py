@@ -71,11 +71,17 @@ class Attention(nn.Module):
 
     The official code disables autocast around ``q @ k^T`` and the softmax, so under
     bf16 compute we do the same: only the projections and ``attn @ v`` run in ``dtype``.
+
+    ``fused``: ``jax.nn.dot_product_attention`` instead (cuDNN's flash attention on
+    NVIDIA GPUs, XLA's elsewhere), for speed on accelerators. It has no attention
+    dropout, so training with it needs ``attention_dropout_rate`` 0 (the paper's
+    pretraining uses 0.1), and its softmax runs in ``dtype`` with float32 accumulation.
     """
     num_heads: int
     attention_dropout_rate: float = 0.1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -89,6 +95,17 @@ class Attention(nn.Module):
                     self.dtype, self.param_dtype, "qkv")(x)
         qkv = sharding.constrain(qkv, ("batch", "length", "qkv", "heads", "kv"))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.fused:
+            if self.attention_dropout_rate and not deterministic:
+                raise ValueError(
+                    f"fused attention has no attention dropout, but the rate is "
+                    f"{self.attention_dropout_rate}: set --config.model.dropout_rate=0 or "
+                    f"--config.model.fused_attention=False.")
+            out = jax.nn.dot_product_attention(q.astype(self.dtype), k.astype(self.dtype),
+                                               v.astype(self.dtype))
+            out = sharding.constrain(out, ("batch", "length", "heads", "kv"))
+            return dense(width, ("heads", "kv"), ("embed",), self.dtype, self.param_dtype,
+                         "proj")(out)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
         weights = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1)
         weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
@@ -136,6 +153,7 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     drop_path_rate: float = 0.0
+    fused_attention: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -143,7 +161,7 @@ class Block(nn.Module):
         y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1",
                        self.explicit_layer_norm_grad)(x)
         y = Attention(self.num_heads, self.attention_dropout_rate, self.dtype, self.param_dtype,
-                      name="attn")(y, deterministic)
+                      self.fused_attention, name="attn")(y, deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # timm proj_drop
         x = x + drop_path(y, self.drop_path_rate, self, deterministic)
         y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2",
@@ -182,6 +200,7 @@ class Transformer(nn.Module):
     # Stochastic depth rising linearly from 0 at the first block to this at the last
     # (timm's rule); fine-tuning only. Scanned blocks share one rate, so it needs plain ones.
     drop_path_rate: float = 0.0
+    fused_attention: bool = False  # jax.nn.dot_product_attention (see Attention)
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -192,12 +211,22 @@ class Transformer(nn.Module):
         if self.remat:
             # argnum 2 is `deterministic` (self counts as 0): a Python bool, so static.
             block_cls = nn.remat(block_cls, static_argnums=(2,), prevent_cse=not self.scan_layers)
+        elif self.scan_layers:
+            # A scanned block keeps, stacked over the layers, every residual its backward
+            # pass names: f32 and bf16 copies of the attention probabilities, the MLP's
+            # activations before and after GELU, each dropout mask. Unrolled, XLA
+            # recomputes such cheap elementwise values instead; across a loop it cannot
+            # (ViT-L, 64 images per v5p chip: 66 GiB of temporaries scanned against 26
+            # unrolled, mage_jax/plan). Keeping only the outputs of the weight matmuls and
+            # recomputing the rest gives the scanned block the unrolled one's footprint.
+            block_cls = nn.remat(block_cls, static_argnums=(2,), prevent_cse=False,
+                                 policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                       dropout_rate=self.dropout_rate,
                       attention_dropout_rate=self.attention_dropout_rate,
                       layer_norm_eps=self.layer_norm_eps,
                       explicit_layer_norm_grad=self.explicit_layer_norm_grad, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+                      param_dtype=self.param_dtype, fused_attention=self.fused_attention)
         if self.scan_layers:
             scanned = nn.scan(
                 block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},

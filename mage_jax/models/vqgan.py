@@ -383,11 +383,18 @@ def vqgan_from_config(cfg, **overrides) -> VQGAN:
                          f"ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256, "
                          f"embed_dim=256, codebook_size=1024, entropy_temperature=0.01).")
     kwargs = {k: section[k] for k in _CONFIG_FIELDS if k in section}
-    for optional in ("in_channels", "out_channels", "norm_groups"):
+    for optional in ("in_channels", "out_channels", "norm_groups", "dtype"):
         if optional in section:
             kwargs[optional] = section[optional]
     kwargs.update(overrides)
     kwargs["ch_mult"] = tuple(int(c) for c in kwargs["ch_mult"])
+    if "dtype" in kwargs:
+        # Compute dtype of the convolutions and norms; the nearest-code search stays in
+        # float32 (VectorQuantizer). bfloat16 changes some token ids: benchmarks/README.md.
+        if str(kwargs["dtype"]) not in ("float32", "bfloat16"):
+            raise ValueError(f"config.tokenizer.dtype={kwargs['dtype']!r} must be 'float32' or "
+                             f"'bfloat16'.")
+        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
     return VQGAN(**kwargs)
 
 

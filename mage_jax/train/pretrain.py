@@ -295,6 +295,12 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
 
     def check():
         masking.ratio_groups(config.batch_size, mcfg.examples_per_ratio)  # raises if < 0
+        if model.fused_attention and model.dropout_rate:
+            raise ValueError(
+                f"config.model.fused_attention=True has no attention dropout, but "
+                f"config.model.dropout_rate={model.dropout_rate}: set "
+                f"--config.model.dropout_rate=0 (the paper trains with 0.1) or leave "
+                f"fused_attention off.")
         if config.batch_size < 2 and use_c:
             raise ValueError("MAGE-C needs config.batch_size >= 2 for InfoNCE negatives.")
         if conditional:

@@ -120,10 +120,11 @@ def test_remat_and_scan_match_the_plain_stack(plain, forward, remat, scan):
         np.testing.assert_allclose(out[key], out_ref[key], rtol=1e-5, atol=1e-6)
 
 
-def test_remat_scan_gradients_match_the_plain_stack(plain, grad_case):
+@pytest.mark.parametrize("remat", [True, False])  # False: scanned blocks save only matmuls
+def test_remat_scan_gradients_match_the_plain_stack(plain, grad_case, remat):
     model, params = plain
     case, g_ref = grad_case
-    other = MAGE(**TINY, remat=True, scan_layers=True)
+    other = MAGE(**TINY, remat=remat, scan_layers=True)
     g = jax.jit(jax.grad(_objective(other, *case)))(_to_scan_layout(params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
         a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), g, _to_scan_layout(g_ref))
@@ -322,3 +323,26 @@ def test_explicit_layer_norm_grad_gives_the_same_model_and_gradients(plain, forw
     g = jax.jit(jax.grad(_objective(other, *case)))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
         a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), g, g_ref)
+
+
+def test_fused_attention_computes_the_same_model(plain, forward, grad_case):
+    """jax.nn.dot_product_attention (cuDNN on GPUs; XLA here) against the einsum path."""
+    model, params = plain
+    fused = MAGE(**TINY, fused_attention=True)
+    tokens, drop, masked = _inputs(1)
+    out = jax.jit(lambda p: fused.apply({"params": p}, tokens, drop, masked))(params)
+    np.testing.assert_allclose(out["logits"], forward(tokens, drop, masked)["logits"],
+                               rtol=1e-5, atol=1e-5)
+    case, g_ref = grad_case
+    g = jax.jit(jax.grad(_objective(fused, *case)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), g, g_ref)
+
+
+def test_fused_attention_refuses_attention_dropout_in_training(plain):
+    model, params = plain
+    fused = MAGE(**TINY, fused_attention=True)  # TINY trains with dropout 0.1
+    tokens, drop, masked = _inputs(1)
+    with pytest.raises(ValueError, match="dropout_rate=0"):
+        fused.apply({"params": params}, tokens, drop, masked, train=True,
+                    rngs={"dropout": jax.random.key(0)})

@@ -211,6 +211,23 @@ def test_vqgan_from_config_reads_tokenizer_fields():
     assert (model.ch, model.ch_mult, model.num_res_blocks) == (32, (1, 1, 2), 3)
     assert (model.z_channels, model.codebook_size, model.entropy_temperature) == (64, 128, 0.05)
     assert token_grid(config, 64) == 16
+    assert model.dtype == jnp.float32  # no dtype key: float32
+
+
+def test_tokenizer_dtype_from_config_reaches_the_encoder_not_the_code_search():
+    config = ml_collections.ConfigDict()
+    config.tokenizer = dict(**{**TINY, "ch_mult": (1,)}, entropy_temperature=0.01,
+                            dtype="bfloat16")
+    model = vqgan_from_config(config)
+    images = _images(1, 4)
+    variables = _random_params(model.clone(dtype=jnp.float32), images)
+    z = model.apply(variables, images, method=VQGAN.encode_continuous)
+    assert z.dtype == jnp.bfloat16
+    quantized, _ = model.apply(variables, z, method=lambda m, z: m.quantizer(z))
+    assert quantized.dtype == jnp.float32
+    config.tokenizer.dtype = "float16"
+    with pytest.raises(ValueError, match="config.tokenizer.dtype='float16'"):
+        vqgan_from_config(config)
 
 
 def test_bad_configs_and_inputs_raise_clear_errors(tiny):
