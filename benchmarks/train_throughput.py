@@ -112,6 +112,33 @@ def peak_memory() -> dict:
             "bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
 
 
+# Peak dense bf16 matmul rates of accelerators (vendor figures), for MFU; TPUs come from
+# the planner's chip table.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def peak_bf16_flops(device) -> float | None:
+    kind = str(getattr(device, "device_kind", ""))
+    if device.platform == "gpu":
+        return next((peak for name, peak in GPU_PEAK_BF16.items() if name in kind), None)
+    if device.platform == "tpu":
+        from mage_jax.plan import topology
+        chip = topology.chip_of_kind(kind)
+        return None if chip is None else chip.peak_bf16_flops / chip.cores * max(
+            1, getattr(device, "num_cores", 1) or 1)
+    return None
+
+
+def _model_flops(config) -> float | None:
+    """The step's model FLOPs, counted by XLA on the lowered plain program on the CPU."""
+    from mage_jax.plan import aot
+    try:
+        return aot.model_flops(config)
+    except Exception as e:  # a stage the planner does not build; the figure is optional
+        logging.warning("no model FLOPs: %s", e)
+        return None
+
+
 # ----------------------------------------------------------------------------- stage setup
 
 def _dummy_folder_dataset(root: str) -> str:
@@ -258,6 +285,9 @@ def run_benchmark(config, steps: int, warmup: int, data: str, start_step: int) -
         shutil.rmtree(scratch, ignore_errors=True)
 
     steps_per_sec = steps / elapsed
+    model_flops = _model_flops(config)
+    peak = peak_bf16_flops(jax.devices()[0])
+    peak = None if peak is None else peak * len(jax.devices())
     return {
         "stage": config.stage,
         "batch_size": int(config.batch_size),
@@ -277,6 +307,10 @@ def run_benchmark(config, steps: int, warmup: int, data: str, start_step: int) -
         "first_step_seconds": first_step_s,
         "flops_per_step": flops,
         "achieved_tflops": None if flops is None else flops * steps_per_sec / 1e12,
+        # The plain program's FLOPs (unrolled, no remat; mage_jax/plan/aot.py) per second,
+        # against the devices' peak bf16 rate where it is known (GPUs, TPUs).
+        "model_flops_per_step": model_flops,
+        "mfu": None if not (model_flops and peak) else model_flops * steps_per_sec / peak,
         "final_loss": loss,
         "peak_memory": peak_memory(),
     }
@@ -285,7 +319,7 @@ def run_benchmark(config, steps: int, warmup: int, data: str, start_step: int) -
 # ----------------------------------------------------------------------------- reporting
 
 _COLUMNS = ("name", "platform", "devices", "batch", "dtype", "data", "steps/s", "images/s",
-            "compile s", "peak mem GiB", "load avg")
+            "MFU", "compile s", "peak mem GiB", "load avg")
 
 
 def _row(result: dict) -> list[str]:
@@ -293,6 +327,7 @@ def _row(result: dict) -> list[str]:
     return [result["name"], f"{m['platform']} ({m['device_kind']}, {m['cpu_count']} CPUs)",
             str(m["device_count"]), str(result["batch_size"]), result["dtype"], result["data"],
             f"{result['steps_per_sec']:.3g}", f"{result['images_per_sec']:.4g}",
+            "-" if result.get("mfu") is None else f"{100 * result['mfu']:.0f}%",
             f"{result['compile_seconds']:.1f}",
             f"{result['peak_memory']['bytes'] / 2**30:.2f}"
             + (" (RSS)" if result["peak_memory"]["kind"] == "process_peak_rss" else ""),
@@ -341,7 +376,8 @@ def main(argv):
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(markdown_table([result]))
     print(json.dumps({k: result[k] for k in ("trained_params", "flops_per_step",
-                                             "achieved_tflops", "final_loss", "peak_memory")}))
+                                             "achieved_tflops", "model_flops_per_step", "mfu",
+                                             "final_loss", "peak_memory")}))
     if _OUTPUT_DIR.value:
         os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")[:80]

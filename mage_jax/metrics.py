@@ -14,6 +14,10 @@ import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
 
+# clu's writers import TensorFlow (seconds, and absent on some accelerator images): the
+# modules a train step is built from (train/loop.py, train/report.py) import this file
+# only where they write or read metrics, so the planner and the benchmarks never load it.
+
 
 class JsonlWriter(interface.MetricWriter):
     """Appends ``{"step": s, name: value, ...}`` lines for scalars; other kinds are skipped.

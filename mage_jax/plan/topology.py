@@ -59,6 +59,11 @@ class Device:
         return self.chip.hbm_bytes_per_s * self.share
 
 
+def chip_of_kind(device_kind: str) -> Chip | None:
+    """The chip of a JAX device_kind string ("TPU v5 lite" -> v5e), None if unknown."""
+    return CHIPS.get(_KINDS.get(device_kind, ""))
+
+
 def check_name(topology: str) -> str:
     """The chip generation of ``v5p:4x4x4``-style names; a clear error for anything else,
     before libtpu is loaded."""
@@ -102,6 +107,6 @@ def devices(topology: str):
     if kind not in _KINDS:
         raise ValueError(f"--topology={topology}: unknown device kind {kind!r}; the planner "
                          f"knows {sorted(_KINDS)} (add it to mage_jax/plan/topology.py).")
-    chip = CHIPS[_KINDS[kind]]
+    chip = chip_of_kind(kind)
     cores = getattr(found[0], "num_cores", chip.cores) or chip.cores
     return list(found), Device(chip, share=min(cores, chip.cores) / chip.cores)

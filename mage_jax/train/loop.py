@@ -21,9 +21,8 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 
-from mage_jax import checkpointing, metrics as metrics_lib, sharding, validation
+from mage_jax import checkpointing, sharding, validation
 from mage_jax.data import datasets, pipeline
 from mage_jax.train import interrupt
 
@@ -162,6 +161,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             out_shardings=sharding.replicated(mesh))
 
     # -------------------------------------------------------------------- loop
+    # clu's writers bring TensorFlow: imported by the run, not by the step's builders.
+    from clu import periodic_actions
+    from mage_jax import metrics as metrics_lib
     writer = metrics_lib.create_writer(workdir)
     # Logs steps/s and ETA; throughput also goes into metrics.jsonl through _log.
     progress = periodic_actions.ReportProgress(

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 
-from mage_jax import metrics as metrics_lib
-
 RECONSTRUCTIONS_PNG = "reconstructions.png"  # test image | tokenizer reconstruction
 PREDICTIONS_PNG = "predictions.png"  # masked input | one-step MAGE prediction | original
 SAMPLES_WORKDIR = "generate"  # where a run's samples go with `sample_when_done`
 
 
 def _records(workdir: str) -> list[dict]:
+    from mage_jax import metrics as metrics_lib  # clu and TensorFlow: only when reporting
     path = os.path.join(workdir, "metrics.jsonl")
     return metrics_lib.read_metrics(workdir) if os.path.exists(path) else []
 
