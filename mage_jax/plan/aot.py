@@ -120,6 +120,19 @@ def _bytes_per_device(abstract_tree) -> int:
                    for x in jax.tree.leaves(abstract_tree)))
 
 
+def step_roofline(totals: hlo.Totals, bytes_accessed: float, device) -> dict:
+    """Seconds of a step if only one resource limited it: the matmuls at peak, the bytes
+    XLA reads and writes at HBM bandwidth, and the collectives over the chip's
+    inter-chip links (result bytes; an all-reduce moves its data twice: reduce-scatter
+    then all-gather). The step can be no faster than the slowest of the three."""
+    link_bytes = sum(c.bytes * (2 if kind == "all-reduce" else 1)
+                     for kind, c in totals.collectives.items())
+    times = {"compute": totals.dot_conv_flops / device.peak_flops,
+             "hbm": bytes_accessed / device.hbm_bytes_per_s,
+             "ici": link_bytes / device.ici_bytes_per_s}
+    return dict(times, seconds=max(times.values()))
+
+
 @dataclasses.dataclass
 class Plan:
     """Per device unless a name says otherwise; bytes, FLOPs, seconds."""
@@ -149,6 +162,11 @@ class Plan:
     loop_correction: float
     xla_step_seconds: float
     step_seconds: float
+    step_seconds_source: str   # "xla" (its cost model, loop-corrected) or "roofline"
+    bytes_accessed: float      # XLA's count, loop-corrected
+    compute_seconds: float     # executed matmul FLOPs at the chip's peak bf16 rate
+    hbm_seconds: float         # bytes accessed at HBM bandwidth
+    ici_seconds: float         # collective bytes over the chip's links (see step_roofline)
     images_per_s: float
     mfu: float
     compile_seconds: float
@@ -192,15 +210,18 @@ def plan(config: ml_collections.ConfigDict, topology: str, found=None) -> Plan:
              - memory.alias_size_in_bytes + memory.temp_size_in_bytes
              + memory.generated_code_size_in_bytes)
     xla_seconds = float(cost.get("optimal_seconds", float("nan")))
-    step_seconds = xla_seconds * correction
-    if not step_seconds > 0:
-        # XLA's cost model returns negative times for some scanned programs: fall back to
-        # a roofline, the larger of compute at peak and memory traffic at HBM bandwidth.
-        step_seconds = max(per_iteration.dot_conv_flops / device.peak_flops,
-                           float(cost.get("bytes accessed", 0.0)) * correction
-                           / device.hbm_bytes_per_s)
-        notes.append(f"XLA's step-time estimate is invalid ({xla_seconds:.3g} s); the "
-                     f"roofline (matmuls at peak, bytes at HBM bandwidth) is shown instead.")
+    bytes_accessed = float(cost.get("bytes accessed", 0.0)) * correction
+    roofline = step_roofline(per_iteration, bytes_accessed, device)
+    if xla_seconds > 0:
+        step_seconds, source = xla_seconds * correction, "xla"
+    else:
+        # libtpu's compile-only cost model returned a negative time for every program
+        # tried here (libtpu 0.0.42.1): the roofline stands in for it.
+        step_seconds, source = roofline["seconds"], "roofline"
+        notes.append(f"XLA's step-time estimate is unavailable ({xla_seconds:.3g} s); est. "
+                     f"step is the roofline: the slowest of matmuls at peak, bytes at HBM "
+                     f"bandwidth, collectives over the chip's links, as if fully overlapped "
+                     f"(a lower bound).")
     flops_per_device = flops_global / len(devices)
     model = config.get("model", config.get("tokenizer"))
     return Plan(
@@ -220,6 +241,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, found=None) -> Plan:
         executed_dot_conv_flops=per_iteration.dot_conv_flops,
         xla_flops_loops_once=float(cost.get("flops", float("nan"))),
         loop_correction=correction, xla_step_seconds=xla_seconds, step_seconds=step_seconds,
+        step_seconds_source=source, bytes_accessed=bytes_accessed,
+        compute_seconds=roofline["compute"], hbm_seconds=roofline["hbm"],
+        ici_seconds=roofline["ici"],
         images_per_s=config.batch_size / step_seconds,
         mfu=flops_per_device / (step_seconds * device.peak_flops),
         compile_seconds=compile_seconds,

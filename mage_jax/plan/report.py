@@ -11,7 +11,8 @@ _ABBREVIATIONS = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR"
                   "all-to-all": "A2A", "collective-permute": "CP", "ragged-all-to-all": "RA2A"}
 COLUMNS = ("mesh d x f x t", "batch/dev", "remat", "scan", "params GiB", "opt GiB",
            "temp GiB", "total / HBM GiB", "fits", "model TFLOP", "executed TFLOP",
-           "est. step s", "images/s", "MFU", "collectives (count, GiB)", "compile s")
+           "compute / HBM / ICI s", "est. step s", "images/s", "MFU",
+           "collectives (count, GiB)", "compile s")
 
 
 def fit_text(p: Plan) -> str:
@@ -34,7 +35,9 @@ def row(p: Plan) -> list[str]:
             _gib(p.optimizer_bytes), _gib(p.temp_bytes),
             f"{_gib(p.total_bytes)} / {_gib(p.hbm_bytes)}", fit_text(p),
             f"{p.model_flops / 1e12:.3g}", f"{p.executed_dot_conv_flops / 1e12:.3g}",
-            f"{p.step_seconds:.3g}", f"{p.images_per_s:.4g}", f"{100 * p.mfu:.0f}%",
+            f"{p.compute_seconds:.3g} / {p.hbm_seconds:.3g} / {p.ici_seconds:.3g}",
+            f"{p.step_seconds:.3g}" + (" (roofline)" if p.step_seconds_source == "roofline"
+                                       else ""), f"{p.images_per_s:.4g}", f"{100 * p.mfu:.0f}%",
             collectives_text(p), f"{p.compile_seconds:.0f}"]
 
 
@@ -51,8 +54,9 @@ def header(p: Plan, config_name: str) -> str:
             f"global batch {p.batch_size}, compute {p.dtype}. Per device: bytes, FLOPs of one "
             f"step; 'model' FLOPs are the plain program's (unrolled, no remat), 'executed' the "
             f"compiled program's matmuls and convolutions with loops counted per iteration; "
-            f"est. step = XLA's cost model x loop correction; MFU against the chip's peak "
-            f"bf16 rate.")
+            f"compute / HBM / ICI: the step's time if only that resource limited it; est. step: "
+            f"XLA's cost model x loop correction, or the roofline (the largest of the three); "
+            f"MFU: model FLOPs against the chip's peak bf16 rate.")
 
 
 def to_json(plans: list[Plan], **extra) -> str:

@@ -19,19 +19,20 @@ GIB = 2 ** 30
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """Public per-chip figures (Google Cloud's TPU pages): HBM, peak bf16 matmul rate, HBM
-    bandwidth, and how many TensorCores a chip has."""
+    bandwidth, inter-chip interconnect bandwidth, and how many TensorCores a chip has."""
     name: str
     hbm_bytes: int
     peak_bf16_flops: float
     hbm_bytes_per_s: float
+    ici_bytes_per_s: float
     cores: int
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GIB, 275e12, 1228e9, cores=2),
-    "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9, cores=1),
-    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9, cores=2),
-    "v6e": Chip("v6e", 32 * GIB, 918e12, 1640e9, cores=1),
+    "v4": Chip("v4", 32 * GIB, 275e12, 1228e9, 2400e9 / 8, cores=2),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9, 1600e9 / 8, cores=1),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9, 4800e9 / 8, cores=2),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 1640e9, 3584e9 / 8, cores=1),
 }
 # device_kind as libtpu reports it -> the chip generation above.
 _KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
@@ -57,6 +58,10 @@ class Device:
     @property
     def hbm_bytes_per_s(self) -> float:
         return self.chip.hbm_bytes_per_s * self.share
+
+    @property
+    def ici_bytes_per_s(self) -> float:
+        return self.chip.ici_bytes_per_s * self.share
 
 
 def chip_of_kind(device_kind: str) -> Chip | None:

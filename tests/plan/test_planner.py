@@ -47,6 +47,14 @@ def test_demo_preset_plan_for_v5e_2x2(tmp_path):
     # The compiled program's matmuls and convolutions are nearly all of the model's FLOPs
     # (the rest is elementwise work), counted by two different routes.
     assert 0.85 < plan["executed_dot_conv_flops"] / plan["model_flops"] < 1.02
+    # The roofline's compute term is the executed matmuls at v5e's peak bf16 rate; the
+    # estimate is XLA's where libtpu gives one, else the slowest of the three terms.
+    assert plan["compute_seconds"] == pytest.approx(plan["executed_dot_conv_flops"] / 197e12)
+    terms = (plan["compute_seconds"], plan["hbm_seconds"], plan["ici_seconds"])
+    if plan["step_seconds_source"] == "roofline":
+        assert plan["step_seconds"] == max(terms)
+    else:
+        assert plan["step_seconds"] == pytest.approx(plan["xla_step_seconds"])
     assert plan["images_per_s"] == pytest.approx(32 / plan["step_seconds"])
     assert 0 < plan["mfu"] < 1
     # Data parallelism: gradients are all-reduced, no parameter is gathered.

@@ -1,0 +1,150 @@
+"""Images per second of the per-host input pipeline alone, on ImageNet-like JPEGs.
+
+    python benchmarks/input_pipeline.py                  # 1 and 2 read threads
+    python benchmarks/input_pipeline.py --threads=1,2,4,8 --num_images=2048
+
+Makes a TFDS dataset in array_record (``--num_images`` JPEGs of ImageNet's typical sizes,
+smooth random content at quality 90, about ImageNet's bytes per image) in a temporary
+directory, opens it as training opens a TFDS dataset (``tfds.data_source``), and runs the
+training stream of ``mage_jax/data/pipeline.py`` with the pretraining presets' data
+settings (random resized crop of (0.2, 1) to 256 px, flip, host batches): the same code a
+pod host runs, timed after a first untimed batch. Also timed apart: reading + JPEG
+decoding alone, and augmentation alone on decoded images. Figures are images/s for the
+host and per read thread; the result JSON goes to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from absl import app, flags  # noqa: E402
+
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 1024, "JPEGs in the made dataset.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Host batch.")
+_BATCHES = flags.DEFINE_integer("batches", 12, "Timed batches per setting.")
+_THREADS = flags.DEFINE_list("threads", ["1", "2"], "grain read threads to try.")
+_SIZE = flags.DEFINE_integer("image_size", 256, "Crop size (the paper: 256).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(_REPO, "benchmarks", "results"),
+                                  "Where the result JSON goes ('' writes none).")
+
+
+def _jpeg(rng, height: int, width: int) -> bytes:
+    """A smooth random picture (a low-resolution noise field enlarged), JPEG quality 90."""
+    import numpy as np
+    from PIL import Image
+    small = rng.integers(0, 256, size=(max(2, height // 24), max(2, width // 24), 3),
+                         dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+    noise = rng.normal(0, 6, size=(height, width, 3))
+    pixels = np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def make_dataset(data_dir: str, count: int) -> dict:
+    """A TFDS dataset `mage_bench_jpegs` (array_record, split train) of ``count`` JPEGs."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    class MageBenchJpegs(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=1000)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            rng = np.random.default_rng(0)
+            for i in range(count):
+                # ImageNet's training images: mostly 500 px on the long side, 4:3 or 3:4.
+                long_side = int(rng.choice([500, 500, 500, 375, 640, 333]))
+                short_side = int(long_side * rng.choice([0.75, 0.75, 0.667, 1.0]))
+                h, w = (short_side, long_side) if rng.random() < 0.7 else (long_side, short_side)
+                yield i, {"image": io.BytesIO(_jpeg(rng, h, w)), "label": int(i % 1000)}
+
+    builder = MageBenchJpegs(data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    files = [os.path.join(root, f) for root, _, names in os.walk(builder.data_dir)
+             for f in names if "array_record" in f]
+    size = sum(os.path.getsize(f) for f in files)
+    return {"name": builder.name, "images": count, "bytes_per_image": size / count}
+
+
+def _rate(fn, batches: int, batch: int) -> float:
+    fn()  # untimed: threads start, caches fill
+    started = time.perf_counter()
+    for _ in range(batches):
+        fn()
+    return batches * batch / (time.perf_counter() - started)
+
+
+def main(argv):
+    del argv
+    import jax
+    import ml_collections
+    import numpy as np
+    import tensorflow_datasets as tfds
+    from mage_jax import config_defaults
+    from mage_jax.data import pipeline
+
+    scratch = tempfile.mkdtemp(prefix="mage_pipeline_")
+    dataset = make_dataset(scratch, _NUM_IMAGES.value)
+    source = tfds.data_source(dataset["name"], split="train", data_dir=scratch, download=False)
+    data_cfg = config_defaults.data_config("imagenet2012", image_size=_SIZE.value)
+    batch = _BATCH.value
+    results = {"dataset": dataset, "batch_size": batch, "image_size": _SIZE.value,
+               "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
+               "jax": jax.__version__, "settings": {}}
+
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(source))
+    position = [0]
+
+    def read_batch():
+        images = [source[int(order[(position[0] + i) % len(order)])]["image"]
+                  for i in range(batch)]
+        position[0] += batch
+        return images
+
+    results["read_and_decode_per_s"] = _rate(read_batch, _BATCHES.value, batch)
+    decoded = read_batch()
+    aug = pipeline.TrainAugment.from_config(data_cfg)
+    results["augment_per_s"] = _rate(
+        lambda: [aug.view(image, rng, contrastive=False) for image in decoded],
+        _BATCHES.value, batch)
+    for threads in (int(t) for t in _THREADS.value):
+        cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+        cfg.read_threads = threads
+        it = iter(pipeline.train_dataset_from_source(
+            source, cfg, seed=0, global_batch_size=batch, process_index=0, process_count=1))
+        results["settings"][f"{threads}_threads"] = _rate(lambda: next(it), _BATCHES.value,
+                                                          batch)
+    for key, value in [("read + decode", results["read_and_decode_per_s"]),
+                       ("augment (crop, flip) of decoded", results["augment_per_s"])] + [
+            (f"pipeline, {k.replace('_', ' ')}", v) for k, v in results["settings"].items()]:
+        print(f"{value:8.1f} images/s  {key}")
+    if _OUTPUT_DIR.value:
+        os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        path = os.path.join(_OUTPUT_DIR.value, f"{stamp}_input_pipeline.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
