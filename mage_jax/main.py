@@ -5,7 +5,6 @@ and the config is locked, so an unknown key stops the run before anything happen
 """
 from __future__ import annotations
 
-import contextlib
 import logging as std_logging
 import os
 import time
@@ -109,7 +108,6 @@ def main(argv):
         raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/mage_demo.")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     workdir = _WORKDIR.value
-    new_workdir = not os.path.exists(workdir)
     lock = None
     try:
         initialize_distributed()
@@ -122,12 +120,9 @@ def main(argv):
     except interrupt.Stopped as e:
         logging.warning("%s: its checkpoint is saved; run the same command to resume.", e)
     except cli.USER_ERRORS as e:
-        if lock is not None and new_workdir:
-            lock.release()  # a run refused before it wrote anything leaves no directory
+        if lock is not None:
+            lock.release_and_remove_if_unused()  # a refused run leaves no new directory
             lock = None
-            os.remove(os.path.join(workdir, workdir_lock.LOCK_NAME))
-            with contextlib.suppress(OSError):
-                os.rmdir(workdir)  # only if empty
         if cli.verbose(_VERBOSE.value):
             raise
         logging.flush()

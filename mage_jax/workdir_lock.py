@@ -8,6 +8,7 @@ time, command) so that the second run can name the holder. Only local paths are 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -30,8 +31,10 @@ class WorkdirLock:
         self.workdir = workdir
         self.path = os.path.join(workdir, LOCK_NAME)
         self._fd: int | None = None
+        self._created = False  # acquire() made the workdir
 
     def acquire(self) -> "WorkdirLock":
+        self._created = not os.path.exists(self.workdir)
         os.makedirs(self.workdir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -68,6 +71,16 @@ class WorkdirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def release_and_remove_if_unused(self) -> None:
+        """Releases the lock; a workdir that ``acquire`` created and nothing else wrote to
+        (a run refused before it started) is removed again, so a mistake leaves no trace."""
+        self.release()
+        if not self._created:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+            os.rmdir(self.workdir)  # only if empty
 
     def __enter__(self) -> "WorkdirLock":
         return self.acquire()

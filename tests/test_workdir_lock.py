@@ -58,3 +58,20 @@ def test_live_holder_refuses_a_second_run_and_a_killed_one_leaves_no_stale_lock(
 def test_only_local_paths_are_locked():
     assert lockable("/tmp/run") and lockable("runs/a")
     assert not lockable("gs://bucket/run") and not lockable("")
+
+
+def test_a_refused_run_removes_the_workdir_it_created_and_nothing_else(tmp_path):
+    fresh = tmp_path / "fresh"
+    lock = WorkdirLock(str(fresh)).acquire()
+    lock.release_and_remove_if_unused()
+    assert not fresh.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    lock = WorkdirLock(str(existing)).acquire()
+    lock.release_and_remove_if_unused()
+    assert existing.is_dir()  # it was there before: kept
+    used = tmp_path / "used"
+    lock = WorkdirLock(str(used)).acquire()
+    (used / "config.json").write_text("{}")
+    lock.release_and_remove_if_unused()
+    assert (used / "config.json").exists()  # something was written: kept
