@@ -44,7 +44,7 @@ def _jpeg(rng, height: int, width: int) -> bytes:
     small = rng.integers(0, 256, size=(max(2, height // 24), max(2, width // 24), 3),
                          dtype=np.uint8)
     image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
-    noise = rng.normal(0, 6, size=(height, width, 3))
+    noise = rng.normal(0, 16, size=(height, width, 3))  # ~ImageNet bytes per image
     pixels = np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="JPEG", quality=90)

@@ -12,8 +12,8 @@ import sys
 from absl import flags
 
 # Errors a user can cause (a config value, the mesh, the batch, a dataset, a workdir, a
-# checkpoint, a weights file, a topology name) are raised as these.
-USER_ERRORS = (ValueError, OSError)
+# checkpoint, a weights file, a topology name, a missing optional package) are raised as these.
+USER_ERRORS = (ValueError, OSError, ImportError)
 USAGE_STATUS = 2  # the exit status of every such error
 
 

@@ -4,6 +4,7 @@
     python -m mage_jax.plan --config=configs/pretrain.py:vit_l --topology=v5p:4x4x4
     python -m mage_jax.plan --config=configs/pretrain.py:vit_b --topology=v5p:2x2x2 --search \
         --meshes=1x-1x1,-1x1x1 --remat=false,true --scan_layers=true --batch_per_device=32,64
+    python -m mage_jax.plan --summarize=benchmarks/plans   # one table of saved --json files
 
 The train step the loop runs is compiled ahead of time for the slice's devices (libtpu's
 compile-only devices; nothing runs, no TPU is needed) and reported per device: memory
@@ -25,7 +26,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mage_jax import cli  # noqa: E402
-from mage_jax.plan import aot, search, topology as topology_lib  # noqa: E402
+from mage_jax.plan import aot, report, search, topology as topology_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Stage config, e.g. configs/pretrain.py:vit_l (overrides: --config.k=v).",
@@ -40,6 +41,8 @@ _SCAN = flags.DEFINE_list("scan_layers", ["false", "true"], "--search: model.sca
 _BATCH = flags.DEFINE_list("batch_per_device", [],
                            "--search: examples per device (default: the config's batch_size).")
 _JSON = flags.DEFINE_string("json", None, "Also write the plans to this JSON file.")
+_SUMMARIZE = flags.DEFINE_string("summarize", None, "Print one table of the --json files in "
+                                 "this directory (e.g. benchmarks/plans) and exit.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the Python traceback.")
 
 
@@ -65,6 +68,11 @@ def _bools(values: list[str], flag: str) -> list[bool]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.key=value.")
+    if _SUMMARIZE.value:
+        print(report.summary(_SUMMARIZE.value))
+        return
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/pretrain.py:vit_l.")
     if not _TOPOLOGY.value:
         raise app.UsageError("--topology is required, e.g. --topology=v5p:4x4x4.")
     try:
@@ -94,5 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
     app.run(main, flags_parser=cli.parse_flags)

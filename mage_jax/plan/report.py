@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import os
 
 from mage_jax.plan.aot import Plan
 
@@ -62,3 +64,24 @@ def header(p: Plan, config_name: str) -> str:
 def to_json(plans: list[Plan], **extra) -> str:
     return json.dumps({**extra, "plans": [dict(dataclasses.asdict(p), over_bytes=p.over_bytes)
                                           for p in plans]}, indent=2)
+
+
+def read_plans(path: str) -> tuple[dict, list[Plan]]:
+    """A ``--json`` file back: (its header fields, its plans)."""
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    fields = {f.name for f in dataclasses.fields(Plan)}
+    plans = [Plan(**{k: v for k, v in p.items() if k in fields}) for p in record["plans"]]
+    return {k: v for k, v in record.items() if k != "plans"}, plans
+
+
+def summary(directory: str) -> str:
+    """One markdown table of every plan in ``directory``'s JSON files, config first."""
+    lines = ["| config | topology | dtype | " + " | ".join(COLUMNS) + " |",
+             "|" + "---|" * (len(COLUMNS) + 3)]
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        head, plans = read_plans(path)
+        for p in plans:
+            lines.append(f"| {head.get('config', '?')} | {p.topology} | {p.dtype} | "
+                         + " | ".join(row(p)) + " |")
+    return "\n".join(lines)

@@ -4,8 +4,8 @@
 is not there: XLA compiles for them exactly as it would on the pod, on this CPU, and no
 program ever runs. libtpu comes with ``pip install -e '.[tpu]'`` (``jax[tpu]``).
 
-A *device* is what JAX sees: one chip on v5e, v5p and v6e; one TensorCore, half a chip, on
-v4 (libtpu's compile-only v4 devices are single cores). Figures below are per device.
+A *device* is what JAX sees: one chip (v4 and v5p chips of two TensorCores are compiled
+for in "megacore" mode, one device per chip, as they train). Figures are per device.
 """
 from __future__ import annotations
 
@@ -93,7 +93,6 @@ def _compile_only_environment() -> None:
 
 def devices(topology: str):
     """(compile-only JAX devices of the slice, their `Device` figures)."""
-    check_name(topology)
     _compile_only_environment()
     try:
         import libtpu  # noqa: F401  (only to say clearly that it is missing)
@@ -102,8 +101,12 @@ def devices(topology: str):
             "planning for a TPU needs libtpu, which the base install leaves out: "
             "pip install -e '.[tpu]' (or pip install 'jax[tpu]').") from e
     from jax.experimental import topologies
+    chip = CHIPS[check_name(topology)]
+    # Chips of two TensorCores run as one device ("megacore"), as jax.make_mesh requires
+    # and as training on them runs; libtpu's default for v4 is one device per core.
+    options = {"chip_config_name": "megacore"} if chip.cores == 2 else {}
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **options)
     except Exception as e:  # libtpu's own message names the bad shape
         raise ValueError(f"--topology={topology}: libtpu has no such slice ({e}). Examples: "
                          f"{_EXAMPLES}.") from e

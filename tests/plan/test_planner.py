@@ -60,6 +60,11 @@ def test_demo_preset_plan_for_v5e_2x2(tmp_path):
     # Data parallelism: gradients are all-reduced, no parameter is gathered.
     assert plan["collectives"]["all-reduce"]["count"] >= 1
     assert "all-gather" not in plan["collectives"]
+    # Saved plans read back into one table.
+    table = _plan_cli(f"--summarize={tmp_path}", timeout=300)
+    assert table.returncode == 0, table.stderr[-2000:]
+    row = [line for line in table.stdout.splitlines() if line.startswith("| configs/")]
+    assert len(row) == 1 and "| v5e:2x2 | float32 | 4 x 1 x 1 | 8 |" in row[0]
 
 
 def _tiny(scan_layers):
