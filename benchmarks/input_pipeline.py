@@ -14,9 +14,7 @@ host and per read thread; the result JSON goes to benchmarks/results/.
 """
 from __future__ import annotations
 
-import datetime
 import io
-import json
 import os
 import sys
 import tempfile
@@ -27,6 +25,8 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from absl import app, flags  # noqa: E402
+
+import record as record_file  # noqa: E402  (benchmarks/record.py)
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 1024, "JPEGs in the made dataset.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Host batch.")
@@ -137,13 +137,7 @@ def main(argv):
                        ("augment (crop, flip) of decoded", results["augment_per_s"])] + [
             (f"pipeline, {k.replace('_', ' ')}", v) for k, v in results["settings"].items()]:
         print(f"{value:8.1f} images/s  {key}")
-    if _OUTPUT_DIR.value:
-        os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-        path = os.path.join(_OUTPUT_DIR.value, f"{stamp}_input_pipeline.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {path}")
+    record_file.write(_OUTPUT_DIR.value, "input_pipeline", results)
 
 
 if __name__ == "__main__":

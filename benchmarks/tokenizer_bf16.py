@@ -29,6 +29,8 @@ if _REPO not in sys.path:
 
 from absl import app, flags  # noqa: E402
 
+import record as record_file  # noqa: E402  (benchmarks/record.py)
+
 from mage_jax import xla_defaults  # noqa: E402
 
 xla_defaults.apply()
@@ -118,13 +120,7 @@ def main(argv):
     for r in results:
         print(f"{r['fraction_same']:.5f} of {r['positions']} positions keep their id in "
               f"bf16: {r['source']}")
-    if _OUTPUT_DIR.value:
-        os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-        path = os.path.join(_OUTPUT_DIR.value, f"{stamp}_tokenizer_bf16.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-        print(f"wrote {path}")
+    record_file.write(_OUTPUT_DIR.value, "tokenizer_bf16", record)
 
 
 if __name__ == "__main__":

@@ -120,16 +120,17 @@ def _bytes_per_device(abstract_tree) -> int:
                    for x in jax.tree.leaves(abstract_tree)))
 
 
-def step_roofline(totals: hlo.Totals, bytes_accessed: float, device) -> dict:
+def step_roofline(totals: hlo.Totals, bytes_accessed: float,
+                  chip: topology_lib.Chip) -> dict:
     """Seconds of a step if only one resource limited it: the matmuls at peak, the bytes
     XLA reads and writes at HBM bandwidth, and the collectives over the chip's
     inter-chip links (result bytes; an all-reduce moves its data twice: reduce-scatter
     then all-gather). The step can be no faster than the slowest of the three."""
     link_bytes = sum(c.bytes * (2 if kind == "all-reduce" else 1)
                      for kind, c in totals.collectives.items())
-    times = {"compute": totals.dot_conv_flops / device.peak_flops,
-             "hbm": bytes_accessed / device.hbm_bytes_per_s,
-             "ici": link_bytes / device.ici_bytes_per_s}
+    times = {"compute": totals.dot_conv_flops / chip.peak_bf16_flops,
+             "hbm": bytes_accessed / chip.hbm_bytes_per_s,
+             "ici": link_bytes / chip.ici_bytes_per_s}
     return dict(times, seconds=max(times.values()))
 
 
@@ -139,7 +140,6 @@ class Plan:
     topology: str
     chip: str
     devices: int
-    device_share_of_chip: float
     mesh: dict
     batch_size: int
     batch_per_device: float
@@ -182,7 +182,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, found=None) -> Plan:
     """Compiles ``config``'s train step for ``topology`` (devices: ``found`` or libtpu's)."""
     if found is None:
         found = topology_lib.devices(topology)
-    devices, device = found
+    devices, chip = found
     stage = build_stage(config)
     flops_global = model_flops(config)
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -211,7 +211,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, found=None) -> Plan:
              + memory.generated_code_size_in_bytes)
     xla_seconds = float(cost.get("optimal_seconds", float("nan")))
     bytes_accessed = float(cost.get("bytes accessed", 0.0)) * correction
-    roofline = step_roofline(per_iteration, bytes_accessed, device)
+    roofline = step_roofline(per_iteration, bytes_accessed, chip)
     if xla_seconds > 0:
         step_seconds, source = xla_seconds * correction, "xla"
     else:
@@ -225,8 +225,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, found=None) -> Plan:
     flops_per_device = flops_global / len(devices)
     model = config.get("model", config.get("tokenizer"))
     return Plan(
-        topology=topology, chip=device.chip.name, devices=len(devices),
-        device_share_of_chip=device.share,
+        topology=topology, chip=chip.name, devices=len(devices),
         mesh={k: int(v) for k, v in mesh.shape.items()},
         batch_size=int(config.batch_size), batch_per_device=config.batch_size / len(devices),
         dtype=str(model.get("dtype", "float32")), remat=bool(model.get("remat", False)),
@@ -236,7 +235,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, found=None) -> Plan:
         output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
         code_bytes=int(memory.generated_code_size_in_bytes), total_bytes=int(total),
-        hbm_bytes=device.hbm_bytes, fits=total <= device.hbm_bytes,
+        hbm_bytes=chip.hbm_bytes, fits=total <= chip.hbm_bytes,
         model_flops=flops_per_device,
         executed_dot_conv_flops=per_iteration.dot_conv_flops,
         xla_flops_loops_once=float(cost.get("flops", float("nan"))),
@@ -245,7 +244,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, found=None) -> Plan:
         compute_seconds=roofline["compute"], hbm_seconds=roofline["hbm"],
         ici_seconds=roofline["ici"],
         images_per_s=config.batch_size / step_seconds,
-        mfu=flops_per_device / (step_seconds * device.peak_flops),
+        mfu=flops_per_device / (step_seconds * chip.peak_bf16_flops),
         compile_seconds=compile_seconds,
         collectives={k: {"count": int(round(c.count)), "bytes": int(c.bytes)}
                      for k, c in sorted(per_iteration.collectives.items())},

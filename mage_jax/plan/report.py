@@ -50,11 +50,9 @@ def table(plans: list[Plan]) -> str:
 
 
 def header(p: Plan, config_name: str) -> str:
-    device = ("chip" if p.device_share_of_chip == 1 else
-              f"TensorCore ({p.device_share_of_chip:g} of a {p.chip} chip)")
-    return (f"{config_name} on {p.topology}: {p.devices} devices (one device = one {device}), "
-            f"global batch {p.batch_size}, compute {p.dtype}. Per device: bytes, FLOPs of one "
-            f"step; 'model' FLOPs are the plain program's (unrolled, no remat), 'executed' the "
+    return (f"{config_name} on {p.topology}: {p.devices} devices (one device = one {p.chip} "
+            f"chip), global batch {p.batch_size}, compute {p.dtype}. Per device: bytes, FLOPs "
+            f"of one step; 'model' FLOPs are the plain program's (unrolled, no remat), 'executed' the "
             f"compiled program's matmuls and convolutions with loops counted per iteration; "
             f"compute / HBM / ICI: the step's time if only that resource limited it; est. step: "
             f"XLA's cost model x loop correction, or the roofline (the largest of the three); "

@@ -41,29 +41,6 @@ _NAME = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 _EXAMPLES = "v5e:2x2, v5p:4x4x4, v4:2x2x2, v6e:4x4"
 
 
-@dataclasses.dataclass(frozen=True)
-class Device:
-    """One compile target: the chip, and the share of it one JAX device has."""
-    chip: Chip
-    share: float  # 1.0 for a whole chip, 0.5 for one of v4's two TensorCores
-
-    @property
-    def hbm_bytes(self) -> float:
-        return self.chip.hbm_bytes * self.share
-
-    @property
-    def peak_flops(self) -> float:
-        return self.chip.peak_bf16_flops * self.share
-
-    @property
-    def hbm_bytes_per_s(self) -> float:
-        return self.chip.hbm_bytes_per_s * self.share
-
-    @property
-    def ici_bytes_per_s(self) -> float:
-        return self.chip.ici_bytes_per_s * self.share
-
-
 def chip_of_kind(device_kind: str) -> Chip | None:
     """The chip of a JAX device_kind string ("TPU v5 lite" -> v5e), None if unknown."""
     return CHIPS.get(_KINDS.get(device_kind, ""))
@@ -92,7 +69,7 @@ def _compile_only_environment() -> None:
 
 
 def devices(topology: str):
-    """(compile-only JAX devices of the slice, their `Device` figures)."""
+    """(compile-only JAX devices of the slice, one per chip; the `Chip`)."""
     _compile_only_environment()
     try:
         import libtpu  # noqa: F401  (only to say clearly that it is missing)
@@ -112,9 +89,12 @@ def devices(topology: str):
                          f"{_EXAMPLES}.") from e
     found = desc.devices
     kind = found[0].device_kind
-    if kind not in _KINDS:
-        raise ValueError(f"--topology={topology}: unknown device kind {kind!r}; the planner "
-                         f"knows {sorted(_KINDS)} (add it to mage_jax/plan/topology.py).")
-    chip = chip_of_kind(kind)
+    if chip_of_kind(kind) is not chip:
+        raise ValueError(f"--topology={topology}: libtpu gave devices of kind {kind!r}, not "
+                         f"{chip.name} chips; the planner knows {sorted(_KINDS)} (add a kind to "
+                         f"mage_jax/plan/topology.py).")
     cores = getattr(found[0], "num_cores", chip.cores) or chip.cores
-    return list(found), Device(chip, share=min(cores, chip.cores) / chip.cores)
+    if cores != chip.cores:  # the figures per device below are per chip
+        raise ValueError(f"--topology={topology}: libtpu's devices have {cores} of a "
+                         f"{chip.name} chip's {chip.cores} TensorCores (not megacore).")
+    return list(found), chip

@@ -312,29 +312,19 @@ def test_sharded_forward_on_8_devices_matches_one_device():
         jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None))
 
 
-def test_explicit_layer_norm_grad_gives_the_same_model_and_gradients(plain, forward, grad_case):
+@pytest.mark.parametrize("option", [
+    "explicit_layer_norm_grad",  # the hand-written LayerNorm backward
+    "fused_attention",           # jax.nn.dot_product_attention (cuDNN on GPUs; XLA here)
+])
+def test_option_gives_the_same_model_and_gradients(plain, forward, grad_case, option):
     model, params = plain
-    other = MAGE(**TINY, explicit_layer_norm_grad=True)
+    other = MAGE(**TINY, **{option: True})
     tokens, drop, masked = _inputs(1)
     out = jax.jit(lambda p: other.apply({"params": p}, tokens, drop, masked))(params)
     np.testing.assert_allclose(out["logits"], forward(tokens, drop, masked)["logits"],
                                rtol=1e-5, atol=1e-5)
     case, g_ref = grad_case
     g = jax.jit(jax.grad(_objective(other, *case)))(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), g, g_ref)
-
-
-def test_fused_attention_computes_the_same_model(plain, forward, grad_case):
-    """jax.nn.dot_product_attention (cuDNN on GPUs; XLA here) against the einsum path."""
-    model, params = plain
-    fused = MAGE(**TINY, fused_attention=True)
-    tokens, drop, masked = _inputs(1)
-    out = jax.jit(lambda p: fused.apply({"params": p}, tokens, drop, masked))(params)
-    np.testing.assert_allclose(out["logits"], forward(tokens, drop, masked)["logits"],
-                               rtol=1e-5, atol=1e-5)
-    case, g_ref = grad_case
-    g = jax.jit(jax.grad(_objective(fused, *case)))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(
         a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), g, g_ref)
 
