@@ -52,8 +52,9 @@ def table(plans: list[Plan]) -> str:
 def header(p: Plan, config_name: str) -> str:
     return (f"{config_name} on {p.topology}: {p.devices} devices (one device = one {p.chip} "
             f"chip), global batch {p.batch_size}, compute {p.dtype}. Per device: bytes, FLOPs "
-            f"of one step; 'model' FLOPs are the plain program's (unrolled, no remat), 'executed' the "
-            f"compiled program's matmuls and convolutions with loops counted per iteration; "
+            f"of one step; 'model' FLOPs are the plain program's (unrolled, no remat), "
+            f"'executed' the compiled program's matmuls and convolutions, loops counted per "
+            f"iteration; "
             f"compute / HBM / ICI: the step's time if only that resource limited it; est. step: "
             f"XLA's cost model x loop correction, or the roofline (the largest of the three); "
             f"MFU: model FLOPs against the chip's peak bf16 rate.")
