@@ -22,6 +22,10 @@ if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
     _flags += (" --xla_cpu_collective_call_terminate_timeout_seconds=180"
                " --xla_cpu_collective_call_warn_stuck_timeout_seconds=60")
 os.environ["XLA_FLAGS"] = _flags.strip()
+# The tests run on this CPU. With the `[tpu]` extra installed, JAX would otherwise look for
+# a TPU in every test process and subprocess first (libtpu's warnings, seconds each); the
+# planner's compile-only TPU devices do not need it (mage_jax/plan/topology.py).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 import pytest

@@ -79,9 +79,11 @@ def abstract_batch(config, stage: loop.Stage, mesh) -> dict:
 
 
 def run_keys(config):
-    """(init, train) keys as the loop splits them. Made before a TPU mesh is set: under a
-    mesh of compile-only devices a key would have to be placed on one."""
-    init_rng, train_rng, _ = jax.random.split(jax.random.key(config.seed), 3)
+    """(init, train) keys as the loop splits them, made outside any mesh: under a mesh the
+    caller has set they would be placed on its devices, and under the slice's mesh on
+    devices that are not there."""
+    with jax.set_mesh(None):
+        init_rng, train_rng, _ = jax.random.split(jax.random.key(config.seed), 3)
     return init_rng, train_rng
 
 
@@ -109,7 +111,8 @@ def model_flops(config: ml_collections.ConfigDict) -> float:
     cpu = jax.devices("cpu")[:1]
     mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=cpu)
-    lowered, _ = lower_step(plain, stage, mesh, run_keys(plain))
+    with jax.set_mesh(mesh):  # whatever mesh the caller has set
+        lowered, _ = lower_step(plain, stage, mesh, run_keys(plain))
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])

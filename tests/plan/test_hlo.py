@@ -27,7 +27,8 @@ def _scanned_matmuls_text() -> str:
     x = jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.float32, sharding=NamedSharding(mesh, P("d")))
     w = jax.ShapeDtypeStruct((STEPS, WIDTH, WIDTH), jnp.float32,
                              sharding=NamedSharding(mesh, P(None, None, "d")))
-    return jax.jit(f).lower(x, w).compile().as_text()
+    with jax.set_mesh(mesh):  # not the mesh an earlier test in this process left set
+        return jax.jit(f).lower(x, w).compile().as_text()
 
 
 @pytest.fixture(scope="module")

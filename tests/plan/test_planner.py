@@ -82,7 +82,11 @@ def v5e():
 
 
 def test_scanned_layers_are_counted_once_per_layer(v5e):
-    unrolled, scanned = (aot.plan(_tiny(s), "v5e:2x2", v5e) for s in (False, True))
+    # Under a mesh the caller left set (the training loop sets one): the plan ignores it.
+    cpu = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
+                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with jax.set_mesh(cpu):
+        unrolled, scanned = (aot.plan(_tiny(s), "v5e:2x2", v5e) for s in (False, True))
     # The same model: the same model FLOPs, and nearly the same matmuls executed.
     assert scanned.model_flops == unrolled.model_flops
     assert scanned.executed_dot_conv_flops == pytest.approx(unrolled.executed_dot_conv_flops,
