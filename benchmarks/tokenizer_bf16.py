@@ -79,6 +79,7 @@ def fixture_figures(path: str) -> dict:
 
 
 def workdir_figures(workdir: str) -> dict:
+    import jax
     import numpy as np
     import ml_collections
     from mage_jax import checkpointing, sharding
@@ -91,7 +92,7 @@ def workdir_figures(workdir: str) -> dict:
     config.eval.num_examples = _NUM_IMAGES.value
     config.batch_size = _BATCH.value
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
-                              __import__("jax").devices()[:1])
+                              jax.devices()[:1])
     images = []
     for batch in evaluation.test_batches(config, mesh):
         keep = np.asarray(batch["mask"])

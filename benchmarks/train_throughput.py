@@ -341,18 +341,9 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def _default_name(config_flag) -> str:
+    from mage_jax import cli
     name = os.path.basename(config_flags.get_config_filename(config_flag))
-    overrides = config_flags.get_override_values(config_flag)
-    flat = []
-
-    def walk(prefix, tree):
-        for k, v in sorted(tree.items()):
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            else:
-                flat.append(f"{prefix}{k}={v}")
-    walk("", overrides)
-    return " ".join([name] + flat)
+    return " ".join([name] + cli.config_overrides(config_flag))
 
 
 def main(argv):

@@ -10,6 +10,7 @@ import os
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 # Errors a user can cause (a config value, the mesh, the batch, a dataset, a workdir, a
 # checkpoint, a weights file, a topology name, a missing optional package) are raised as these.
@@ -67,3 +68,18 @@ def _parse_error(argv: list[str], e: Exception) -> None:
     where = lines[0].split(": Error whilst parsing")[0] if len(lines) > 1 else ""
     exit_with_error(ValueError(f"{where}: {lines[-1]}" if where else lines[-1]),
                     "FATAL Flags parsing error", hint)
+
+
+def config_overrides(config_flag) -> list[str]:
+    """The ``--config.k=v`` overrides of a config flag as sorted ``k=v`` strings (nested
+    keys dotted): how a run's or a result's label names what was changed."""
+    flat = []
+
+    def walk(prefix, tree):
+        for k, v in sorted(tree.items()):
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat.append(f"{prefix}{k}={v}")
+    walk("", config_flags.get_override_values(config_flag))
+    return flat

@@ -48,13 +48,8 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the Python tra
 
 def _config_name() -> str:
     """``configs/pretrain.py:vit_l model.remat=True``: the config and its overrides."""
-    flat = []
-
-    def walk(prefix, tree):
-        for k, v in sorted(tree.items()):
-            walk(f"{prefix}{k}.", v) if isinstance(v, dict) else flat.append(f"{prefix}{k}={v}")
-    walk("", config_flags.get_override_values(flags.FLAGS["config"]))
-    return " ".join([config_flags.get_config_filename(flags.FLAGS["config"])] + flat)
+    flag = flags.FLAGS["config"]
+    return " ".join([config_flags.get_config_filename(flag)] + cli.config_overrides(flag))
 
 
 def _bools(values: list[str], flag: str) -> list[bool]:
@@ -79,16 +74,14 @@ def main(argv):
         topology_lib.check_name(_TOPOLOGY.value)
         config = _CONFIG.value
         aot.check_stage(config)
+        grid = [None]  # the config as given
         if _SEARCH.value:
             grid = list(itertools.product(
                 [search.parse_mesh(m) for m in _MESHES.value], _bools(_REMAT.value, "remat"),
                 _bools(_SCAN.value, "scan_layers"),
                 [int(b) for b in _BATCH.value] or [None]))
         found = topology_lib.devices(_TOPOLOGY.value)
-        if _SEARCH.value:
-            plans, refused = search.run(config, _TOPOLOGY.value, found, grid)
-        else:
-            plans, refused = search.run(config, _TOPOLOGY.value, found, [None])
+        plans, refused = search.run(config, _TOPOLOGY.value, found, grid)
     except cli.USER_ERRORS as e:
         if cli.verbose(_VERBOSE.value):
             raise

@@ -14,7 +14,8 @@ compiled program:
   bodies counted per iteration (plan/hlo.py), which ``remat`` raises;
 * time: XLA's cost-model estimate of a step, corrected for loops (XLA counts a loop body
   once: the estimate is scaled by the ratio of the per-iteration to the once-per-loop
-  matmul FLOPs), and the images/s and model-FLOPs utilisation (MFU) that implies;
+  matmul FLOPs) where libtpu gives one, else a roofline (``step_roofline``), and the
+  images/s and model-FLOPs utilisation (MFU) that implies;
 * the collectives of the compiled program (plan/hlo.py).
 """
 from __future__ import annotations
@@ -60,11 +61,6 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         stage = tokenizer.build_stage(config)
     stage.check()
     return stage
-
-
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        tree, shardings)
 
 
 def abstract_batch(config, stage: loop.Stage, mesh) -> dict:

@@ -130,8 +130,9 @@ def array_dims(shape: str) -> list[tuple[str, list[int]]]:
                                               else shape)]
 
 
-def shape_bytes(shape: str) -> float:
-    return sum(_DTYPE_BYTES.get(dtype, 4) * math.prod(dims) for dtype, dims in array_dims(shape))
+def array_bytes(shape: str) -> list[float]:
+    """Bytes of each array in a (possibly tuple) HLO shape."""
+    return [_DTYPE_BYTES.get(dtype, 4) * math.prod(dims) for dtype, dims in array_dims(shape)]
 
 
 def _dims_attribute(attributes: str, key: str) -> list[int]:
@@ -232,10 +233,10 @@ def analyse(text: str, per_iteration: bool = True) -> Totals:
             if kind in COLLECTIVES and not ins.opcode.endswith("-done"):
                 if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
                     kind = "reduce-scatter"  # TPU: all-reduce + slice fused as one
-                arrays = [_DTYPE_BYTES.get(d, 4) * math.prod(s) for d, s in
-                          array_dims(ins.shape)]
-                result = (max(arrays) if ins.opcode.endswith("-start") else sum(arrays)) \
-                    if arrays else 0
+                # An async "-start" returns (operands, results, ...): its largest array is the
+                # result; a plain collective's result is its whole shape.
+                arrays = array_bytes(ins.shape) or [0]
+                result = max(arrays) if ins.opcode.endswith("-start") else sum(arrays)
                 totals.collectives[kind].count += 1
                 totals.collectives[kind].bytes += result
             times = 1

@@ -7,8 +7,7 @@ import json
 import os
 
 from mage_jax.plan.aot import Plan
-
-GIB = 2 ** 30
+from mage_jax.plan.topology import GIB
 _ABBREVIATIONS = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR",
                   "all-to-all": "A2A", "collective-permute": "CP", "ragged-all-to-all": "RA2A"}
 COLUMNS = ("mesh d x f x t", "batch/dev", "remat", "scan", "params GiB", "opt GiB",

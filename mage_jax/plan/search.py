@@ -84,6 +84,9 @@ def run(config, topology: str, found, grid) -> tuple[list[aot.Plan], list[Refuse
     return plans, refused
 
 
+# What to change when a configuration does not fit.
+_FIXES = ("Lower the per-device batch, set --config.model.remat=True, or shard the parameters "
+          "over more devices (mesh.fsdp).")
 _REQUIRED = re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
 _UNIT_GIB = {"K": 2 ** -20, "M": 2 ** -10, "G": 1.0, "T": 2 ** 10}  # XLA prints binary units
 
@@ -99,8 +102,7 @@ def does_not_fit(message: str) -> str:
         head += (f": over by {need - have:.1f} GiB (XLA: {need:.1f} GiB needed, "
                  f"{have:.2f} GiB of HBM usable)")
     detail = text if len(text) <= 300 else text[:300] + " ..."
-    return (f"{head}. Lower the per-device batch, set --config.model.remat=True, or shard "
-            f"the parameters over more devices (mesh.fsdp). [{detail}]")
+    return f"{head}. {_FIXES} [{detail}]"
 
 
 def ranked(plans: list[aot.Plan]) -> list[aot.Plan]:
@@ -116,8 +118,7 @@ def describe(name: str, plans: list[aot.Plan], refused: list[Refused], rank: boo
         for p in shown:
             lines += [f"note: {note}" for note in p.notes]
         if not any(p.fits for p in plans):
-            lines.append("\nNothing fits: lower the per-device batch, turn on remat, or shard "
-                         "the parameters further (more fsdp).")
+            lines.append(f"\nNothing fits. {_FIXES}")
     for r in refused:
         lines.append(f"refused: {r.variant}: {r.reason}")
     return "\n".join(lines)
