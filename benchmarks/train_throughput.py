@@ -351,7 +351,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}.")
     if _SUMMARIZE.value:
         paths = sorted(glob.glob(os.path.join(_OUTPUT_DIR.value, "*.json")))
-        print(markdown_table([json.load(open(p, encoding="utf-8")) for p in paths]))
+        records = [json.load(open(p, encoding="utf-8")) for p in paths]
+        # The other benchmarks (sampler, bf16 tokens, input pipeline) write there too.
+        print(markdown_table([r for r in records if "steps_per_sec" in r]))
         return
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/pretrain.py:demo.")
