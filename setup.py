@@ -5,6 +5,8 @@ setup(
     name="mage_jax",
     version="0.1.0",
     description="MAsked Generative Encoder (MAGE) pretraining at TPU-pod scale in JAX/Flax",
+    # The notebooks' install cell and the README's Colab badges name this repository.
+    url="https://github.com/mage-jax/mage_jax",
     packages=find_packages(include=["mage_jax", "mage_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -29,7 +31,11 @@ setup(
     extras_require={
         # Reading released PyTorch checkpoints (.pth / .ckpt) for conversion.
         "torch": ["torch>=2.6"],
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # The notebooks (notebooks/): figures inline, a Jupyter kernel.
+        "notebook": ["matplotlib", "ipykernel"],
+        # The tests also run the notebooks top to bottom (nbclient in a real kernel).
+        "test": ["pytest>=8", "pytest-xdist>=3", "nbclient", "nbformat", "matplotlib",
+                 "ipykernel"],
         # The pod planner (python -m mage_jax.plan): libtpu compiles for TPU slices on any
         # machine. jax's own extra picks the libtpu that matches the installed jax.
         "tpu": ["jax[tpu]"],

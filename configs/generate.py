@@ -5,6 +5,7 @@ Arguments (comma separated):
           official README's settings for the paper's FID/IS; the default)
   vit_l   MAGE ViT-L, the same settings
   demo    the Fashion-MNIST demo model: 1,000 samples, 12 steps, temperature 4.5
+  smoke   with demo: 32 samples (to check an installation or a notebook)
 
 The model, its sizes and its tokenizer come from `config.pretrain_workdir`: a pretraining
 run's workdir or converted official weights (`python -m mage_jax.convert mage ...`).
@@ -18,7 +19,7 @@ from mage_jax import config_defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = config_defaults.parse_args(arg, known=("vit_b", "vit_l", "demo"))
+    presets = config_defaults.parse_args(arg, known=("vit_b", "vit_l", "demo", "smoke"))
     config = ml_collections.ConfigDict()
     config.stage = "generate"
     config.seed = 0
@@ -64,4 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.batch_size = 100
         config.sampling.update(num_steps=12, choice_temperature=4.5)
         config.classifier_measures.enabled = True
+    if config_defaults.smoke_preset(presets):  # 32 samples, a briefly trained classifier
+        config.update(num_samples=32, batch_size=32, num_grid=16)
+        config.classifier_measures.train_steps = 20
     return config

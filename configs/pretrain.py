@@ -5,6 +5,8 @@ Arguments (comma separated):
   vit_l        ViT-L encoder (1024/24/16), decoder 1024/8/16
   contrastive  MAGE-C: two views, projection MLP and InfoNCE on the pooled encoder output
   demo         Fashion-MNIST at CPU size; trains the demo tokenizer first if needed
+  smoke        with demo: every part of the demo run, a few steps of each (about a
+               minute on 2 cores): to check an installation or a notebook, not to learn
   class_conditional
                fine-tune a pretrained MAGE (--config.init_from=RUN) into a class-conditional
                one: the class id at position 0, [C0] with probability 0.1 (our design)
@@ -33,15 +35,17 @@ def _stage_config(stage: str, arg: str) -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     presets = config_defaults.parse_args(
-        arg, known=("vit_b", "vit_l", "contrastive", "demo", "class_conditional"))
+        arg, known=("vit_b", "vit_l", "contrastive", "demo", "class_conditional", "smoke"))
     demo = "demo" in presets
+    smoke = config_defaults.smoke_preset(presets)
     config = config_defaults.base_config("pretrain")
 
     # The frozen tokenizer. `tokenizer_workdir` is a tokenizer run of this project or the
     # output of `python -m mage_jax.convert tokenizer` (official weights). Empty means
     # <workdir>/tokenizer; with `train_tokenizer_if_missing` the stage trains it there first
     # with `tokenizer_stage` (the demo's route to a one-command start).
-    tokenizer_stage = _stage_config("tokenizer", "demo" if demo else "paper")
+    tokenizer_stage = _stage_config("tokenizer", ("demo,smoke" if smoke else "demo") if demo
+                                    else "paper")
     config.tokenizer_workdir = ""
     config.train_tokenizer_if_missing = demo
     config.tokenizer_stage = tokenizer_stage
@@ -169,6 +173,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.image_summary_every = 100
         else:
             config.optimizer.update(warmup_epochs=5.0, epochs=100.0)
+    if smoke:
+        config.total_steps = 20
+        config.optimizer.epochs = (config.total_steps * config.batch_size
+                                   / FASHION_MNIST_TRAIN_EXAMPLES)
+        config.update(log_every=5, checkpoint_every=10, image_summary_every=10)
+        config.eval.num_examples = 64
+        config.generate_stage.update(num_samples=16, batch_size=16)
+        config.generate_stage.classifier_measures.train_steps = 20
+        config.evals.fewshot.update(every=10, shots=(1, 5),
+                                    datasets={"fashion_mnist": ("train[:200]", "test[:100]")})
+        config.evals.samples.update(every=10, num_samples=8, num_steps=4,
+                                    classifier_train_steps=20)
     # When the tokenizer is trained first, it reads this config's dataset and image size and
     # uses this config's `tokenizer` sizes (mage_jax/train/pretrain.py: tokenizer_stage_config).
     if not demo:

@@ -6,6 +6,7 @@ Arguments (comma separated):
   vit_l   MAGE ViT-L: the same with blr 0.05
   demo    the Fashion-MNIST demo model; also probes a randomly initialised encoder and the
           raw pixels under the same recipe (`random_init_top1`, `pixels_top1`)
+  smoke   with demo: 512 training and 256 test images (an installation or notebook check)
 
 The encoder, its sizes and its tokenizer come from `config.pretrain_workdir`: a pretraining
 run's workdir or converted official weights (`python -m mage_jax.convert mage ...`).
@@ -21,7 +22,7 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = config_defaults.parse_args(arg, known=("vit_b", "vit_l", "demo"))
+    presets = config_defaults.parse_args(arg, known=("vit_b", "vit_l", "demo", "smoke"))
     demo = "demo" in presets
     config = config_defaults.base_config("probe")
     config.pretrain_workdir = ""
@@ -69,6 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optimizer.update(blr=4.0, warmup_epochs=3.0, epochs=30.0)
         config.log_every = 100
         config.checkpoint_every = 500
+    if config_defaults.smoke_preset(presets):  # the demo probe on 512 + 256 images
+        config.data.train_split = "train[:512]"
+        config.num_train_examples = 512
+        config.eval.num_examples = 256
+        config.optimizer.epochs = 10.0
     steps_per_epoch = config.num_train_examples // config.batch_size
     config.total_steps = int(config.optimizer.epochs * steps_per_epoch)
     return config

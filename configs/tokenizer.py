@@ -1,7 +1,8 @@
 """Stage `tokenizer`: train the MaskGIT VQGAN that MAGE tokenizes images with.
 
 Arguments (comma separated): `demo` (Fashion-MNIST at 32 px, trains on a 2-core CPU in
-minutes), `paper` (MaskGIT's settings at 256 px on ImageNet; also the default).
+minutes), `paper` (MaskGIT's settings at 256 px on ImageNet; also the default), `smoke`
+(with demo: 20 steps, to check an installation or a notebook).
 
     python -m mage_jax.main --config=configs/tokenizer.py:demo --workdir=/tmp/tok
 """
@@ -11,7 +12,7 @@ from mage_jax import config_defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    presets = config_defaults.parse_args(arg, known=("demo", "paper"))
+    presets = config_defaults.parse_args(arg, known=("demo", "paper", "smoke"))
     config = config_defaults.base_config("tokenizer")
     config.batch_size = 256
     config.total_steps = 1_000_000
@@ -115,4 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.checkpoint_every = 200
         config.image_summary_every = 200
         config.eval.num_examples = 2000
+    if config_defaults.smoke_preset(presets):  # the demo, a few steps long (configs/pretrain.py)
+        config.total_steps = 20
+        config.update(log_every=5, checkpoint_every=10, image_summary_every=10)
+        config.eval.num_examples = 64
     return config

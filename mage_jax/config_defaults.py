@@ -22,6 +22,14 @@ def parse_args(arg: str | None, known: tuple[str, ...]) -> set[str]:
     return presets
 
 
+def smoke_preset(presets: set[str]) -> bool:
+    """``smoke``: the demo a few steps long (an installation or notebook check); only with
+    ``demo``, whose small model it shrinks the run of."""
+    if "smoke" in presets and "demo" not in presets:
+        raise ValueError("the `smoke` preset shortens the demo: use it as `demo,smoke`.")
+    return "smoke" in presets
+
+
 def data_config(name: str = "imagenet2012", image_size: int = 256) -> ml_collections.ConfigDict:
     """The input pipeline (mage_jax/data/): which TFDS dataset and MAGE's augmentation."""
     return ml_collections.ConfigDict(dict(

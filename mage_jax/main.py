@@ -73,8 +73,15 @@ def run(config, workdir: str):
 
     A pretraining config with ``sample_when_done`` (the demo) then samples from the
     trained model with its ``generate_stage`` config into ``<workdir>/generate``, before
-    the run's summary is logged.
+    the run's summary is logged. The stages set their mesh as JAX's global one; it is put
+    back as it was when the run returns, so a notebook's next cell does not inherit it.
     """
+    import jax
+    with jax.set_mesh(None):
+        return _run(config, workdir)
+
+
+def _run(config, workdir: str):
     from mage_jax.generate import stage as generate
     if config.get("stage") == "generate":
         return generate.run(config, workdir)

@@ -79,7 +79,11 @@ def load(pretrain_workdir: str, step: int | None = None, dtype: str = "float32")
     tok_dir = tokenizer_dir(run_config, pretrain_workdir)
     tok_config = _read_json(os.path.join(tok_dir, "config.json"),
                             "the tokenizer of this MAGE is missing")
-    tokenizer = vqgan.vqgan_from_config(tok_config["tokenizer"])
+    # Converted official weights carry no entropy temperature (a training-loss setting that
+    # is not in the weights and that reading or decoding tokens does not use).
+    sizes = tok_config["tokenizer"]
+    tokenizer = vqgan.vqgan_from_config(sizes, entropy_temperature=sizes.get(
+        "entropy_temperature", vqgan.VQGAN.entropy_temperature))
     tokenizer_params, _ = checkpointing.restore_params(tok_dir)
     params, found_step = checkpointing.restore_params(pretrain_workdir, step)
     if "mage" not in params:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from mage_jax import checkpointing, metrics
-from mage_jax.convert import __main__ as convert_cli
+from mage_jax.convert import files as convert_files
 from mage_jax.convert import torch_mage
 from mage_jax.data.datasets import DatasetNotFoundError
 from mage_jax.train import loop, pretrain, stages
@@ -269,7 +269,7 @@ def test_official_checkpoint_of_another_size(mage_torch_fixture, tmp_path):
     with lowered_programs() as programs, pytest.raises(
             ValueError, match=rf"token_emb\.word_embeddings\.weight .*embed_dim="
                               rf"{meta['embed_dim']}.*config\.model\.embed_dim=768.*preset"):
-        convert_cli.convert_mage_file(str(path), vit_b, str(output))
+        convert_files.convert_mage_file(str(path), vit_b, str(output))
     assert not output.exists() and not programs
     # The same weights converted at their own head counts still do not fit the vit_b
     # model: the shape check names a parameter and says to pick the matching preset.
@@ -277,7 +277,7 @@ def test_official_checkpoint_of_another_size(mage_torch_fixture, tmp_path):
         {k: v.numpy() for k, v in state_dict.items()}, num_heads=meta["num_heads"],
         decoder_num_heads=meta["decoder_num_heads"])
     with pytest.raises(ValueError, match=r"parameter \['\w+'\].*model expects.*vit_b"):
-        convert_cli.check_against_config(params, vit_b)
+        convert_files.check_against_config(params, vit_b)
 
 
 # ------------------------------------------------------------------ a diverging run

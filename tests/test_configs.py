@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from mage_jax import checkpointing, metrics, optim
-from mage_jax.convert import __main__ as convert_cli
+from mage_jax.convert import files as convert_files
 from mage_jax.models import vqgan
 from mage_jax.train import pretrain
 from tiny_configs import load_config, tiny_pretrain_config
@@ -228,7 +228,7 @@ def random_tokenizer_dir(tmp_path_factory):
     params = jax.tree.map(lambda x: (0.1 * rng.standard_normal(x.shape)).astype(np.float32),
                           abstract["params"])
     out = tmp_path_factory.mktemp("tokenizer") / "random"
-    convert_cli.save_params(str(out), params, {"stage": "tokenizer",
+    convert_files.save_params(str(out), params, {"stage": "tokenizer",
                                                "tokenizer": config.tokenizer.to_dict()})
     return out
 

@@ -1,16 +1,10 @@
 """The smallest configs that still run every part of a stage, for end-to-end tests."""
-import importlib.util
-import pathlib
-
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+from mage_jax import config_files
 
 
 def load_config(name: str, arg: str = ""):
-    """configs/<name>.py's get_config(arg), loaded the way config_flags loads it (by path)."""
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """configs/<name>.py's get_config(arg), as --config=configs/<name>.py:<arg> gives it."""
+    return config_files.load(f"{name}:{arg}")
 
 
 def _tiny_run(config, total_steps: int):

@@ -30,7 +30,7 @@ torch = pytest.importorskip(
 from convert.test_torch_tokenizer import (_Forbidden, fixture_state_dict,
                                           official_training_checkpoint)
 from mage_jax import checkpointing, metrics
-from mage_jax.convert import __main__ as convert_cli
+from mage_jax.convert import files as convert_files
 from mage_jax.models.mage import MAGE
 from mage_jax.models.vqgan import VQGAN
 from mage_jax.train import stages
@@ -214,7 +214,7 @@ def test_official_training_checkpoint_converts_like_the_release(
         fixture_state_dict(mage_torch_fixture, torch, prefix="module." if ddp else ""), torch,
         epoch=1599), path)
     output = tmp_path / "converted"
-    sizes = convert_cli.convert_mage_file(str(path), _config_from_file(pretrain_config_file),
+    sizes = convert_files.convert_mage_file(str(path), _config_from_file(pretrain_config_file),
                                           str(output))
     assert sizes == json.loads((converted_mage / "config.json").read_text())["model"]
     _assert_same_conversion(output, converted_mage)
@@ -239,7 +239,7 @@ def test_mage_c_extra_keys_are_named_with_the_fix(mage_c_file, pretrain_config_f
     config = _config_from_file(pretrain_config_file)
     output = tmp_path / "converted"
     with pytest.raises(ValueError) as error:
-        convert_cli.convert_mage_file(str(mage_c_file), config, str(output))
+        convert_files.convert_mage_file(str(mage_c_file), config, str(output))
     message = str(error.value)
     assert message.startswith(f"{mage_c_file} has 5 key(s) that the official "
                               f"MaskedGenerativeEncoderViT does not have: ")
@@ -250,7 +250,7 @@ def test_mage_c_extra_keys_are_named_with_the_fix(mage_c_file, pretrain_config_f
     # A prefix that would drop the model's own weights is refused, naming the weight.
     with pytest.raises(ValueError, match=r"ignore prefix 'blocks\.' matches 'blocks\.0\.attn"
                                          r"\.proj\.bias' \(\d+ keys\), a weight of the MAGE"):
-        convert_cli.convert_mage_file(str(mage_c_file), config, str(output),
+        convert_files.convert_mage_file(str(mage_c_file), config, str(output),
                                       ignore_keys=["blocks.", "proj_head.", "temperature"])
     assert not output.exists()
 
@@ -276,6 +276,28 @@ def test_forbidden_pickle_is_refused_before_writing(mage_torch_fixture, pretrain
     name = f"{_Forbidden.__module__}._Forbidden"
     with pytest.raises(ValueError, match=rf"^{path} holds pickled Python objects that a "
                                          rf"weights-only load refuses: {name}\. .*weights.pth"):
-        convert_cli.convert_mage_file(str(path), _config_from_file(pretrain_config_file),
+        convert_files.convert_mage_file(str(path), _config_from_file(pretrain_config_file),
                                       str(output))
     assert not output.exists()
+
+
+def test_notebook_load_converts_a_release_file_once(torch_files, pretrain_config_file,
+                                                     converted_mage, tmp_path):
+    """``inference.load`` (the quickstart notebook's) fetches a URL into its cache, converts
+    it as the command does, and reuses the conversion the next time."""
+    from mage_jax import inference
+    config = _config_from_file(pretrain_config_file)
+    pre = inference.load(torch_files[0].as_uri(), config=config, cache_dir=tmp_path)
+    assert (tmp_path / "downloads" / "mage-tiny.pth").read_bytes() == torch_files[0].read_bytes()
+    output = tmp_path / "converted" / "mage-tiny"
+    _assert_same_conversion(output, converted_mage)
+    assert pre.workdir == str(output) and pre.step == 0
+    written = (output / "config.json").stat().st_mtime_ns
+    again = inference.load(str(torch_files[0]), cache_dir=tmp_path)  # no config needed now
+    assert (output / "config.json").stat().st_mtime_ns == written
+    jax.tree.map(np.testing.assert_array_equal, again.params, pre.params)
+    # Without a config, the width must be a released one: a clear error otherwise.
+    with pytest.raises(ValueError, match=r"not a released MAGE ViT-B or ViT-L checkpoint"):
+        inference.load(str(torch_files[0]), cache_dir=tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        inference.load(str(tmp_path / "nowhere.pth"))
