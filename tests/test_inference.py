@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from mage_jax import config_files, inference, pretrained
 from mage_jax import main as mage_main
@@ -125,3 +126,24 @@ def test_a_run_leaves_no_global_mesh_behind(pretrain_dir, tmp_path):
     mage_main.run(config, str(tmp_path / "gen"))
     assert os.path.exists(tmp_path / "gen" / "samples.npz")
     assert jax.sharding.get_abstract_mesh() == before
+
+
+def test_make_figures_draws_the_readme_tour_from_a_run(pre, pretrain_dir, tmp_path):
+    """docs/make_figures.py (the README's pictures): inputs, greyed box, inpainted and
+    outpainted rows; each edit keeps what it does not regenerate."""
+    import subprocess
+    import sys
+    output = tmp_path / "inpainting.png"
+    subprocess.run([sys.executable, "docs/make_figures.py", "--kind=inpainting",
+                    f"--workdir={pretrain_dir}", f"--output={output}", "--scale=2"],
+                   cwd=os.path.dirname(os.path.dirname(__file__)), check=True,
+                   env=dict(os.environ, XLA_FLAGS=""))
+    picture = np.asarray(Image.open(output))[::2, ::2]  # undo the nearest-neighbour x2
+    assert picture.shape == (4 * 16, 4 * 16, 3)
+    images, _ = inference.images_from_dataset(pre, 4)
+    rows = [picture[16 * r:16 * (r + 1)].reshape(16, 4, 16, 3).transpose(1, 0, 2, 3)
+            for r in range(4)]
+    np.testing.assert_array_equal(rows[0], images)
+    assert np.all(rows[1][:, 4:12, 4:12] == 128)                            # the box, greyed
+    np.testing.assert_array_equal(rows[2][:, :4], images[:, :4])            # inpainted: outside kept
+    np.testing.assert_array_equal(rows[3][:, 4:12, 4:12], images[:, 4:12, 4:12])  # outpainted

@@ -99,3 +99,15 @@ def test_both_notebooks_run_offline_at_smoke_size(tmp_path, monkeypatch):
     figures = [o for c in quick.cells for o in c.get("outputs", [])
                if "image/png" in o.get("data", {})]
     assert len(figures) == 3  # reconstructions, samples, edits
+
+
+def test_readme_and_notebooks_name_the_repository_of_setup_py():
+    """One repository URL (setup.py's): the install cell clones it, the badges open it."""
+    url = re.search(r'url="(https://github\.com/[^"]+)"', (REPO / "setup.py").read_text()).group(1)
+    readme = (REPO / "README.md").read_text()
+    for path in NOTEBOOKS:
+        source = "\n".join(c.source for c in _read(path).cells)
+        assert f'REPO_URL = "{url}"' in source
+        badge = (f"https://colab.research.google.com/github/{url.split('github.com/')[1]}"
+                 f"/blob/main/notebooks/{path.name}")
+        assert badge in readme, badge
