@@ -34,6 +34,9 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 create=not read_only,
                 read_only=read_only,
+                # A step a killed run left half-written (`<step>.orbax-checkpoint-tmp`) is
+                # never restored; a run that writes here removes it on start.
+                cleanup_tmp_directories=not read_only,
             ),
         )
 
