@@ -18,7 +18,7 @@ USER_ERRORS = (ValueError, OSError, ImportError)
 USAGE_STATUS = 2  # the exit status of every such error
 
 
-def _one_line(text) -> str:
+def one_line(text) -> str:
     return " ".join(str(text).split())
 
 
@@ -31,7 +31,7 @@ def exit_with_error(error: BaseException, prefix: str = "ERROR",
                     hint: str = "--verbose for the traceback") -> None:
     """One line on stderr naming the error (its message names the value and the fix), then
     exit status 2."""
-    sys.stderr.write(f"{prefix}: {_one_line(error) or type(error).__name__} "
+    sys.stderr.write(f"{prefix}: {one_line(error) or type(error).__name__} "
                      f"[{type(error).__name__}; {hint}]\n")
     sys.exit(USAGE_STATUS)
 
@@ -59,7 +59,7 @@ def _parse_error(argv: list[str], e: Exception) -> None:
             detail = detail.args[0]  # AttributeError(KeyError("'key'\nDid you mean ...?"))
         overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
         exit_with_error(ValueError(
-            f"unknown config key {_one_line(detail)} (overrides given: {', '.join(overrides)}). "
+            f"unknown config key {one_line(detail)} (overrides given: {', '.join(overrides)}). "
             f"The config is locked, so --config.<key>=<value> must name a key that the config "
             f"file defines (configs/<stage>.py, or config.json in a run's workdir): fix the "
             f"spelling or drop the override."), "FATAL Flags parsing error", hint)

@@ -48,10 +48,11 @@ def _multi_host_environment() -> bool:
     return "," in hosts
 
 
-def initialize_distributed() -> None:
+def initialize_distributed() -> bool:
+    """Starts jax.distributed where the flags or the environment ask; True if it did."""
     if _DISTRIBUTED.value == "off" or (
             _DISTRIBUTED.value == "auto" and not _multi_host_environment()):
-        return
+        return False
     import jax
     # CPU hosts talk through gloo; accelerators ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -59,6 +60,7 @@ def initialize_distributed() -> None:
         coordinator_address=_COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS"),
         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    return True
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -108,6 +110,34 @@ def _run(config, workdir: str):
     return state
 
 
+# Exit status of a process whose run lost another of its processes (a killed or failed
+# host): every process must be started again; the run resumes from its newest checkpoint.
+PEER_LOST_STATUS = 3
+
+
+def _peer_lost(error: BaseException) -> bool:
+    """In a multi-process run, a collective or a coordination barrier that fails at run
+    time (gloo's "Connection reset by peer", orbax's barrier time-outs, the coordination
+    service's errors) means a peer stopped."""
+    import jax
+    return (jax.process_count() > 1
+            and isinstance(error, (jax.errors.JaxRuntimeError, TimeoutError, RuntimeError)))
+
+
+def _exit_peer_lost(error: BaseException) -> None:
+    import jax
+    sys.stderr.write(
+        f"ERROR: process {jax.process_index()} of {jax.process_count()}: another process of "
+        f"this run stopped ({cli.one_line(error)[:300]}). Start every process again with "
+        f"the same command: the run resumes from its newest complete checkpoint. "
+        f"[{type(error).__name__}; exit {PEER_LOST_STATUS}]\n")
+    logging.flush()
+    sys.stderr.flush()
+    # Not sys.exit: JAX's exit handlers would wait on, then abort in, the coordination
+    # service the lost peer belonged to (SIGABRT and a C++ stack instead of this line).
+    os._exit(PEER_LOST_STATUS)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are --config.key=value.")
@@ -116,8 +146,9 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     workdir = _WORKDIR.value
     lock = None
+    distributed = False
     try:
-        initialize_distributed()
+        distributed = initialize_distributed()
         import jax
         if workdir_lock.lockable(workdir) and jax.process_index() == 0:
             lock = workdir_lock.WorkdirLock(workdir).acquire()  # one run per workdir
@@ -126,7 +157,11 @@ def main(argv):
         run(_CONFIG.value, workdir)
     except interrupt.Stopped as e:
         logging.warning("%s: its checkpoint is saved; run the same command to resume.", e)
-    except cli.USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001  (a lost peer first; then the user's errors)
+        if distributed and _peer_lost(e):
+            _exit_peer_lost(e)
+        if not isinstance(e, cli.USER_ERRORS):
+            raise
         if lock is not None:
             lock.release_and_remove_if_unused()  # a refused run leaves no new directory
             lock = None

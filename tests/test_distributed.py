@@ -188,3 +188,56 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     got = _losses(multi)
     assert sorted(got) == list(range(1, TOTAL_STEPS + 1))
     _assert_same_losses(got, want, range(1, TOTAL_STEPS + 1))
+
+
+def test_a_killed_process_stops_its_peer_and_both_resume_exactly(tmp_path):
+    """kill -9 of one host: the other does not hang. Waiting in a collective, it fails at
+    once and exits with one line and status 3 (main.py); waiting elsewhere (an orbax save
+    barrier), JAX's coordination service ends it when the lost peer's heartbeats stop
+    (at most ~100 s), with JAX's own message. Both started again resume from the newest
+    complete checkpoint, on the batches and parameters of a never interrupted run."""
+    config_path = _write_config(tmp_path)
+    multi = tmp_path / "multi"
+    address = f"127.0.0.1:{_free_port()}"
+    command = [sys.executable, "-m", "mage_jax.main", f"--config={config_path}",
+               f"--workdir={multi}", "--config.total_steps=1000", "--distributed=on",
+               f"--coordinator_address={address}", f"--num_processes={NUM_PROCESSES}"]
+    logs = [open(tmp_path / f"killed_{i}.log", "w") for i in range(NUM_PROCESSES)]
+    procs = [subprocess.Popen(command + [f"--process_id={i}"], cwd=REPO,
+                              env=_env(TOTAL_DEVICES // NUM_PROCESSES), stdout=log,
+                              stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (multi / "metrics.jsonl").exists() or len(_losses(multi)) < 3:
+            assert all(p.poll() is None for p in procs), "a process ended before the kill"
+            assert time.monotonic() < deadline, "no third logged step"
+            time.sleep(0.2)
+        procs[1].kill()
+        status = procs[0].wait(timeout=180)  # a hang fails here instead of blocking
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    survivor = (tmp_path / "killed_0.log").read_text(errors="replace")
+    if status == 3:  # main.py's line
+        errors = [line for line in survivor.splitlines() if line.startswith("ERROR:")]
+        assert len(errors) == 1 and "another process of this run stopped" in errors[0], errors
+    else:  # JAX's coordination service (LOG(FATAL): SIGABRT)
+        assert status == -6, survivor[-3000:]
+        assert "the JAX distributed service detected fatal errors" in survivor, survivor[-3000:]
+
+    steps = [int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()]
+    newest = max(steps, default=0)
+    total = newest + 2
+    logs = _launch(config_path, multi, tmp_path / "logs_resume", num_processes=NUM_PROCESSES,
+                   overrides=[f"--config.total_steps={total}"])
+    if newest:
+        for log in logs:
+            assert f"at step {newest}" in log and "Resuming" in log, log[-3000:]
+    single = tmp_path / "single"
+    _launch(config_path, single, tmp_path / "logs_single", num_processes=1,
+            overrides=[f"--config.total_steps={total}"])
+    _assert_same_losses(_losses(multi), _losses(single), range(1, total + 1))
