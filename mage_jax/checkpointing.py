@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mage_jax import paths
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint in the workdir does not fit the model the config builds."""
@@ -24,7 +26,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = os.path.join(paths.absolute(workdir), "checkpoints")
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={"state": ocp.StandardCheckpointHandler(),

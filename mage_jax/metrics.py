@@ -1,6 +1,8 @@
 """Metric writers: TensorBoard (clu) plus one JSON object per logged step in metrics.jsonl.
 
 Only process 0 writes files; other hosts log to stdout, so a pod run leaves one clean record.
+metrics.jsonl goes through etils.epath (mage_jax/paths.py), so a ``gs://`` workdir holds it;
+TensorBoard's events go through TensorFlow's own file systems.
 """
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ import jax
 import numpy as np
 from clu import metric_writers
 from clu.metric_writers import interface
+from etils import epath
+
+from mage_jax import paths
 
 # clu's writers import TensorFlow (seconds, and absent on some accelerator images): the
 # modules a train step is built from (train/loop.py, train/report.py) import this file
@@ -23,21 +28,32 @@ class JsonlWriter(interface.MetricWriter):
     """Appends ``{"step": s, name: value, ...}`` lines for scalars; other kinds are skipped.
 
     Lines are appended, so a resumed run continues the same file; a reader keeps the last
-    line of each step if a crash made a step appear twice.
+    line of each step if a crash made a step appear twice. An object in a bucket cannot be
+    appended to: there the file is rewritten whole at every logged step (a few hundred kB
+    for a long run's log, every ``log_every`` steps).
     """
 
     def __init__(self, path: str):
-        self._path = path
+        self._path = epath.Path(path)
         _drop_partial_last_line(path)
-        self._file = open(path, "a", encoding="utf-8")
+        if paths.is_remote(path):
+            self._file = None
+            self._text = paths.read_text(path) if self._path.exists() else ""
+        else:
+            self._file = open(path, "a", encoding="utf-8")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         record = {"step": int(step)}
         for name, value in scalars.items():
             value = float(np.asarray(value))
             record[name] = value if math.isfinite(value) else str(value)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = json.dumps(record) + "\n"
+        if self._file is None:
+            self._text += line
+            self._path.write_text(self._text, encoding="utf-8")
+        else:
+            self._file.write(line)
+            self._file.flush()
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -61,16 +77,23 @@ class JsonlWriter(interface.MetricWriter):
         pass
 
     def flush(self):
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
 
     def close(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _drop_partial_last_line(path: str) -> None:
     """A process killed while writing a line leaves it without its newline; the next run's
     first line would be glued to it. Cut it off (its step is logged again on resume)."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
+        return
+    if paths.is_remote(path):  # objects are replaced whole
+        data = epath.Path(path).read_bytes()
+        if data and not data.endswith(b"\n"):
+            epath.Path(path).write_bytes(data[:data.rfind(b"\n") + 1])
         return
     with open(path, "rb+") as f:
         data = f.read()
@@ -89,8 +112,7 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
 def read_metrics(workdir: str) -> list[dict]:
     """The records of metrics.jsonl, the last one of each step (see JsonlWriter)."""
     by_step: dict[int, dict] = {}
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            by_step.setdefault(record["step"], {}).update(record)
+    for line in paths.read_text(os.path.join(workdir, "metrics.jsonl")).splitlines():
+        record = json.loads(line)
+        by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]

@@ -17,7 +17,7 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
-from mage_jax import checkpointing
+from mage_jax import checkpointing, paths
 from mage_jax.models import mage, vqgan
 
 # MAGE's sizes that must be in a run's config.json `model` section.
@@ -42,12 +42,11 @@ class Pretrained:
 
 
 def _read_json(path: str, what: str) -> dict:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(
             f"{path} does not exist: {what}. Give a pretraining run's --workdir or the output "
             f"of `python -m mage_jax.convert mage --torch_checkpoint=... --output=DIR`.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))
 
 
 def tokenizer_dir(run_config: dict, pretrain_workdir: str) -> str:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 
 import jax
 import ml_collections
+from etils import epath
 
-from mage_jax import sharding
+from mage_jax import paths, sharding
 from mage_jax.data import datasets
 
 
@@ -18,6 +20,8 @@ class ConfigError(ValueError):
 def validate_workdir(workdir: str) -> None:
     if not workdir:
         raise ConfigError("--workdir is required: the directory for checkpoints and metrics.")
+    if paths.is_remote(workdir):
+        return _validate_remote_workdir(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
@@ -26,6 +30,30 @@ def validate_workdir(workdir: str) -> None:
         raise ConfigError(
             f"--workdir={workdir} is not writable ({e.strerror}). Choose a directory you can "
             f"write to, e.g. --workdir=$HOME/mage_runs/NAME.") from e
+
+
+def _validate_remote_workdir(workdir: str) -> None:
+    """A bucket workdir: every process writes and deletes one small object, so a missing
+    bucket or missing credentials stop the run here, before anything compiles."""
+    scheme, _, rest = workdir.partition("://")
+    bucket = rest.split("/")[0]
+    if scheme == "gs":
+        fix = (f"Create the bucket (gcloud storage buckets create gs://{bucket or 'BUCKET'}) "
+               f"and let this machine's account write to it (gcloud auth application-default "
+               f"login, or a VM service account with roles/storage.objectAdmin on the bucket)")
+    else:
+        fix = f"Check that the {scheme}:// bucket exists and that this machine may write to it"
+    if not bucket:
+        raise ConfigError(f"--workdir={workdir} names no bucket: give {scheme}://BUCKET/RUN. "
+                          f"{fix}.")
+    probe = epath.Path(workdir) / f".write_test.{uuid.uuid4().hex}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    # TensorFlow's gfile raises tf.errors.OpError, gcsfs its HttpError, others OSError.
+    except Exception as e:  # noqa: BLE001 -- any failure here means "cannot write"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"--workdir={workdir} cannot be written ({reason}). {fix}.") from e
 
 
 def validate_training_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -55,9 +55,10 @@ def test_live_holder_refuses_a_second_run_and_a_killed_one_leaves_no_stale_lock(
     WorkdirLock(str(workdir)).acquire().release()  # released on exit from the block
 
 
-def test_only_local_paths_are_locked():
-    assert lockable("/tmp/run") and lockable("runs/a")
-    assert not lockable("gs://bucket/run") and not lockable("")
+def test_every_workdir_is_locked():
+    # Bucket workdirs hold a lease instead of a flock (tests/storage/test_gcs_lease.py).
+    assert lockable("/tmp/run") and lockable("runs/a") and lockable("gs://bucket/run")
+    assert not lockable("")
 
 
 def test_a_refused_run_removes_the_workdir_it_created_and_nothing_else(tmp_path):

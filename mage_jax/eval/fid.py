@@ -10,7 +10,6 @@ in float64, as torch-fidelity's numpy code does.
 from __future__ import annotations
 
 import functools
-import pathlib
 from typing import Iterable, Iterator
 
 import jax
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.special
+from etils import epath
 
 from mage_jax.eval.inception import INPUT_SIZE, POOL3_SIZE, FIDInceptionV3
 
@@ -164,18 +164,19 @@ def inception_score(logits_unbiased: np.ndarray, splits: int = 10) -> tuple[floa
 # --------------------------------------------------------------------------- files
 
 def save_statistics(path, mu: np.ndarray, sigma: np.ndarray, num_images: int) -> None:
-    path = pathlib.Path(path)
+    path = epath.Path(path)  # a local file or an object (gs://...)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-             num_images=np.int64(num_images), feature_size=np.int64(len(mu)))
+    with path.open("wb") as f:
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                 num_images=np.int64(num_images), feature_size=np.int64(len(mu)))
 
 
 def load_statistics(path, feature_size: int = POOL3_SIZE) -> tuple[np.ndarray, np.ndarray, int]:
     """(mu, sigma, num_images) from :func:`save_statistics`'s file, checked for size."""
-    if not pathlib.Path(path).is_file():
+    if not epath.Path(path).is_file():
         raise FileNotFoundError(f"statistics file {path} does not exist; write it with "
                                 f"`python -m mage_jax.eval.score --images=REAL_IMAGES --save_stats={path}`.")
-    with np.load(path) as data:
+    with epath.Path(path).open("rb") as f, np.load(f) as data:
         missing = [k for k in ("mu", "sigma") if k not in data.files]
         if missing:
             raise ValueError(f"{path} lacks {missing} (has {data.files}); write reference "

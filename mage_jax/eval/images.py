@@ -6,10 +6,10 @@ layout) is checked when it is opened, before any network is compiled.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Callable, Iterator
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -22,7 +22,7 @@ class ImageSet:
     source: str
     num_images: int
     shape: tuple[int, int, int]
-    files: tuple[pathlib.Path, ...] = ()
+    files: tuple[epath.Path, ...] = ()
     array: np.ndarray | None = None
     read: Callable[[int], np.ndarray] | None = None
 
@@ -37,35 +37,39 @@ class ImageSet:
                 yield np.stack([_read_rgb(f) for f in self.files[start:start + batch_size]])
 
 
-def _read_rgb(path: pathlib.Path) -> np.ndarray:
+def _read_rgb(path) -> np.ndarray:
     # torch-fidelity converts every file to RGB (grey or RGBA files score as colour).
-    with Image.open(path) as image:
+    with epath.Path(path).open("rb") as f, Image.open(f) as image:
         return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def _size(path) -> tuple[int, int]:
+    with epath.Path(path).open("rb") as f, Image.open(f) as image:  # reads the header only
+        return image.size
 
 
 def open_folder(path) -> ImageSet:
     """The folder's PNG/JPEG files (not subfolders), in sorted name order."""
-    root = pathlib.Path(path)
+    root = epath.Path(path)  # a local folder or one in a bucket (gs://...)
     files = tuple(sorted(p for p in root.iterdir()
                          if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
     if not files:
         raise ValueError(f"{root} holds no {'/'.join(IMAGE_EXTENSIONS)} files; point --images "
                          f"at the folder of images itself (subfolders are not searched).")
-    with Image.open(files[0]) as image:
-        size = image.size
+    size = _size(files[0])
     for f in files[1:]:
-        with Image.open(f) as image:  # reads the header only
-            if image.size != size:
-                raise ValueError(
-                    f"images in {root} differ in size: {files[0].name} is {size[0]}x{size[1]}, "
-                    f"{f.name} is {image.size[0]}x{image.size[1]} (width x height). Resize them "
-                    f"to one size first (e.g. the generator's output size).")
+        other = _size(f)
+        if other != size:
+            raise ValueError(
+                f"images in {root} differ in size: {files[0].name} is {size[0]}x{size[1]}, "
+                f"{f.name} is {other[0]}x{other[1]} (width x height). Resize them "
+                f"to one size first (e.g. the generator's output size).")
     return ImageSet(str(root), len(files), (size[1], size[0], 3), files=files)
 
 
 def open_npz(path) -> ImageSet:
     """An ``.npz`` whose ``images`` entry is uint8 (N, H, W, 3)."""
-    with np.load(path) as data:
+    with epath.Path(path).open("rb") as f, np.load(f) as data:
         if NPZ_KEY not in data.files:
             raise ValueError(f"{path} has no '{NPZ_KEY}' entry (it has {data.files}); save the "
                              f"images with np.savez(path, {NPZ_KEY}=uint8 array (N, H, W, 3)).")
@@ -109,7 +113,7 @@ def open_tfds(spec: str, image_size: int, data_dir: str | None = None,
 
 def open_images(path) -> ImageSet:
     """A folder or an ``.npz`` file, by what ``path`` is."""
-    p = pathlib.Path(path)
+    p = epath.Path(path)
     if p.is_dir():
         return open_folder(p)
     if p.is_file() and p.suffix == ".npz":

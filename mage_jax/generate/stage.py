@@ -28,10 +28,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
 from mage_jax import metrics as metrics_lib
-from mage_jax import pretrained, sharding, validation
+from mage_jax import paths, pretrained, sharding, validation
 from mage_jax.generate import sampler as sampler_lib
 
 SAMPLES_DIR = "samples"
@@ -152,8 +153,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     mesh = sharding.make_mesh(config.mesh, devices)
     validation.validate_batch(config, mesh)
     jax.set_mesh(mesh)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if jax.process_index() == 0:
+        paths.write_text(os.path.join(workdir, "config.json"),
+                         config.to_json_best_effort(indent=2, sort_keys=True))
 
     s = config.sampling
     sample = sampler_lib.make_sampler(
@@ -167,7 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
 
     total, batch = int(config.num_samples), int(config.batch_size)
     samples_dir = os.path.join(workdir, SAMPLES_DIR)
-    os.makedirs(samples_dir, exist_ok=True)
+    epath.Path(samples_dir).mkdir(parents=True, exist_ok=True)
     kept_index, kept_images = [], []
     started = time.perf_counter()
     for b in range(math.ceil(total / batch)):
@@ -184,7 +186,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
                 kept_index.append(i)
                 kept_images.append(image)
                 if config.save_png:
-                    Image.fromarray(image).save(os.path.join(samples_dir, f"{i:06d}.png"))
+                    # Each host writes the samples it holds (distinct files).
+                    paths.save_image(Image.fromarray(image),
+                                     os.path.join(samples_dir, f"{i:06d}.png"))
         logging.info("generate: %d / %d samples", min((b + 1) * batch, total), total)
     seconds = time.perf_counter() - started
 
@@ -193,7 +197,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     local_index = np.asarray(kept_index, np.int64)[order]
     name = ("samples.npz" if jax.process_count() == 1 else
             f"samples.{jax.process_index()}-of-{jax.process_count()}.npz")
-    np.savez(os.path.join(workdir, name), images=local_images, index=local_index)
+    with epath.Path(workdir, name).open("wb") as f:
+        np.savez(f, images=local_images, index=local_index)
 
     grid = local_images[: int(config.num_grid)]
     columns = max(1, int(math.sqrt(len(grid))))
@@ -205,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     local_labels = class_labels(config, local_index)
     scores.update(_measures(config, pre, local_images, local_labels))
     if jax.process_index() == 0:
-        Image.fromarray(picture).save(os.path.join(workdir, GRID_PNG))
+        paths.save_image(Image.fromarray(picture), os.path.join(workdir, GRID_PNG))
     writer.write_images(pre.step, {"samples": picture[None].astype(np.float32) / 255.0})
     writer.write_scalars(pre.step, scores)
     writer.flush()

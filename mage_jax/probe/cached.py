@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from mage_jax import metrics as metrics_lib
-from mage_jax import sharding, validation
+from mage_jax import paths, sharding, validation
 from mage_jax.data import datasets, pipeline
 from mage_jax.eval import accuracy
 from mage_jax.probe import linear
@@ -83,8 +83,8 @@ def train_and_evaluate(config, workdir: str, source: str, devices=None) -> dict:
                  (test_x, test_y), mesh, writer)
     writer.flush()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        paths.write_text(os.path.join(workdir, "config.json"),
+                         config.to_json_best_effort(indent=2, sort_keys=True))
     return scores
 
 

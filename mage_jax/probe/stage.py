@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 
 from mage_jax import metrics as metrics_lib
-from mage_jax import validation
+from mage_jax import paths, validation
 from mage_jax.probe import cached, features as features_lib, linear
 from mage_jax.train import loop
 
@@ -90,8 +90,8 @@ def run_fewshot(config: ml_collections.ConfigDict, workdir: str, devices=None) -
     writer.write_scalars(pre.step, scores)
     writer.flush()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        paths.write_text(os.path.join(workdir, "config.json"),
+                         config.to_json_best_effort(indent=2, sort_keys=True))
     logging.info("\nFew-shot linear evaluation of %s (step %d): %s", config.pretrain_workdir,
                  pre.step, ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items()))
     return scores

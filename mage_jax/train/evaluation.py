@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from mage_jax import sharding
+from mage_jax import paths, sharding
 from mage_jax.data import datasets, pipeline
 
 
@@ -60,5 +60,5 @@ def save_image_grid(path: str, columns: Sequence[np.ndarray], upscale: int = 4) 
     if upscale > 1:
         image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
     if jax.process_index() == 0:
-        image.save(path)
+        paths.save_image(image, path)  # a gs:// workdir too
     return path

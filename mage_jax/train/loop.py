@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import checkpointing, sharding, validation
+from mage_jax import checkpointing, paths, sharding, validation
 from mage_jax.data import datasets, pipeline
 from mage_jax.train import interrupt
 
@@ -76,9 +76,9 @@ class Evaluator:
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if jax.process_index() == 0:  # every process reads the same file (pretrained.py)
+        paths.write_text(os.path.join(workdir, "config.json"),
+                         config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _place_frozen(frozen, mesh):

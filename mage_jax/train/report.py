@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from mage_jax import paths
+
 RECONSTRUCTIONS_PNG = "reconstructions.png"  # test image | tokenizer reconstruction
 PREDICTIONS_PNG = "predictions.png"  # masked input | one-step MAGE prediction | original
 SAMPLES_WORKDIR = "generate"  # where a run's samples go with `sample_when_done`
@@ -15,7 +17,7 @@ SAMPLES_WORKDIR = "generate"  # where a run's samples go with `sample_when_done`
 def _records(workdir: str) -> list[dict]:
     from mage_jax import metrics as metrics_lib  # clu and TensorFlow: only when reporting
     path = os.path.join(workdir, "metrics.jsonl")
-    return metrics_lib.read_metrics(workdir) if os.path.exists(path) else []
+    return metrics_lib.read_metrics(workdir) if paths.exists(path) else []
 
 
 def _last(records: list[dict], key: str):
@@ -117,7 +119,7 @@ def summary(config, workdir: str, tokenizer_workdir: str | None = None,
                f"python -m mage_jax.main --config=configs/probe.py:{preset} "
                f"--workdir={workdir}_probe --config.pretrain_workdir={workdir}   (linear probe)"]
     found = [os.path.join(workdir, p) for p in pictures
-             if os.path.exists(os.path.join(workdir, p))]
+             if paths.exists(os.path.join(workdir, p))]
     lines.append("pictures   " + (", ".join(found) or "none yet (written when the run ends)"))
     lines.append(f"TensorBoard: tensorboard --logdir {workdir}")
     lines += ["next: " + n for n in nxt]

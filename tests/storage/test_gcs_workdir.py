@@ -1,0 +1,108 @@
+"""A run's whole workdir in a ``gs://`` bucket (the emulator of conftest.py): the tokenizer
+and pretraining demos (tiny) write there, stop, resume there, and later stages read them."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+from etils import epath
+
+from mage_jax import checkpointing, metrics, pretrained, validation
+from mage_jax.generate import stage as generate
+from mage_jax.train import stages
+from tests.tiny_configs import load_config, tiny_pretrain_config, tiny_tokenizer_config
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _steps_in_file(workdir) -> list[int]:
+    """The step of every line of metrics.jsonl, repeats included (a restart would repeat)."""
+    text = epath.Path(workdir, "metrics.jsonl").read_text()
+    return [json.loads(line)["step"] for line in text.splitlines()]
+
+
+def _tensorboard_tags(workdir) -> set[str]:
+    """Tags of the TensorBoard events that conftest.py sent from ``gs://`` to ``ram://``."""
+    import tensorflow as tf
+    tags = set()
+    for f in tf.io.gfile.glob(workdir.replace("gs://", "ram://") + "/events.out.tfevents*"):
+        for event in tf.compat.v1.train.summary_iterator(f):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+@pytest.fixture(scope="module")
+def runs(gcs):
+    root = gcs.create_bucket("mage-runs")
+    tok_dir, pre_dir = f"{root}/tokenizer", f"{root}/pretrain"
+    one = jax.devices()[:1]
+    stages.run(tiny_tokenizer_config(total_steps=2), tok_dir, devices=one)
+
+    def pretrain(total_steps):
+        config = tiny_pretrain_config(total_steps)
+        config.tokenizer_workdir = tok_dir
+        config.train_tokenizer_if_missing = False
+        stages.run(config, pre_dir, devices=one)
+
+    pretrain(2)
+    steps_first = _steps_in_file(pre_dir)
+    pretrain(4)  # the same run, continued: resumes from the checkpoint of step 2
+    return tok_dir, pre_dir, steps_first
+
+
+def test_tokenizer_run_lives_in_the_bucket(runs):
+    tok_dir, _, _ = runs
+    names = {p.name for p in epath.Path(tok_dir).iterdir()}
+    assert {"config.json", "metrics.jsonl", "reconstructions.png", "checkpoints"} <= names
+    assert not epath.Path("gs:").exists()  # no local folder named after the scheme
+    assert checkpointing.Checkpointer(tok_dir, read_only=True).latest_step() == 2
+    assert any(r.get("test_psnr") for r in metrics.read_metrics(tok_dir))
+    assert "loss" in _tensorboard_tags(tok_dir)
+
+
+def test_pretraining_resumes_in_the_bucket(runs):
+    _, pre_dir, steps_first = runs
+    assert steps_first == [1, 2, 2]  # step 2 twice: its test_* scores come last
+    # Steps 3 and 4 follow 2 in the same file: the second run resumed, it did not restart.
+    assert _steps_in_file(pre_dir) == [1, 2, 2, 3, 4, 4]
+    checkpoints = checkpointing.Checkpointer(pre_dir, read_only=True)
+    assert checkpoints.latest_step() == 4
+    assert json.loads(epath.Path(pre_dir, "config.json").read_text())["total_steps"] == 4
+    assert epath.Path(pre_dir, "predictions.png").exists()
+
+
+def test_later_stages_read_the_bucket(runs, gcs):
+    tok_dir, pre_dir, _ = runs
+    pre = pretrained.load(pre_dir)
+    assert pre.step == 4 and pre.tokenizer_params
+    config = load_config("generate", "demo")
+    config.pretrain_workdir = pre_dir
+    config.update(num_samples=2, batch_size=2, num_grid=1)
+    config.sampling.num_steps = 2
+    config.classifier_measures.enabled = False
+    out = f"{pre_dir}_samples"
+    scores = generate.run(config, out, devices=jax.devices()[:1])
+    assert scores["num_samples"] == 2
+    names = {p.name for p in epath.Path(out).iterdir()}
+    assert {"config.json", "samples.npz", "samples_grid.png", "metrics.jsonl"} <= names
+    assert sorted(p.name for p in epath.Path(out, "samples").iterdir()) == [
+        "000000.png", "000001.png"]
+
+
+def test_missing_bucket_is_named_before_anything_runs(gcs):
+    with pytest.raises(validation.ConfigError, match=r"gs://no-such-bucket/run cannot be "
+                       r"written .*gcloud storage buckets create gs://no-such-bucket"):
+        validation.validate_workdir("gs://no-such-bucket/run")
+
+
+def test_workdir_without_bucket_stops_the_command_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "mage_jax.main", "--config=configs/tokenizer.py:demo",
+         "--workdir=gs:///run"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "--workdir=gs:///run names no bucket: give gs://BUCKET/RUN" in last, last
+    assert "gcloud storage buckets create gs://BUCKET" in last, last
+    assert not pathlib.Path(REPO, "gs:").exists()
