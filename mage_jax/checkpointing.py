@@ -22,6 +22,15 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint in the workdir does not fit the model the config builds."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written: a full disk, a quota, a path that turned read-only."""
+
+
+# What the storage layers (tensorstore, the OS) say when a write fails, as users know it.
+_WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "File too large",
+                   "Permission denied", "Read-only file system")
+
+
 class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True,
@@ -53,7 +62,22 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:  # also where the previous (asynchronous) save's failure comes out
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001  (tensorstore raises ValueError for I/O)
+            raise self._write_failed(e) from e
+
+    def _write_failed(self, error: BaseException) -> CheckpointWriteError:
+        """The failure in one line, with the step that is still intact: a save is written
+        under ``<step>.orbax-checkpoint-tmp`` and only renamed once complete."""
+        text = " ".join(str(error).split())
+        reason = next((f for f in _WRITE_FAILURES if f in text), text[:200])
+        newest = self._manager.latest_step()
+        kept = (f"the newest complete checkpoint, step {newest}, is intact" if newest else
+                "no checkpoint was completed before")
+        return CheckpointWriteError(
+            f"could not write a checkpoint under {self.directory} ({reason}); {kept}. Free "
+            f"space there (or make it writable) and run the same command to resume.")
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
         """Raises CheckpointMismatchError naming the first parameter whose shape differs."""
@@ -91,11 +115,16 @@ class Checkpointer:
         return restored["state"]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_failed(e) from e
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def _by_name(tree) -> dict[str, Any]:
