@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mage_jax import config_defaults, config_files, pretrained, sharding
+from mage_jax import config_defaults, config_files, paths, pretrained, sharding
 from mage_jax.data import pipeline
 from mage_jax.eval import fewshot as lsr
 from mage_jax.generate import edit as edit_lib
@@ -38,13 +38,6 @@ from mage_jax.probe import features as features_lib
 
 # The official MAGE presets by encoder width (the released ViT-B and ViT-L checkpoints).
 _PRESET_BY_WIDTH = {768: "vit_b", 1024: "vit_l"}
-
-
-def default_cache_dir() -> pathlib.Path:
-    """Where downloaded and converted weights are kept (``$MAGE_JAX_CACHE`` if set)."""
-    root = os.environ.get("MAGE_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mage_jax")
-    return pathlib.Path(root)
 
 
 def mesh(devices=None):
@@ -87,12 +80,12 @@ def load(source: str, step: int | None = None, *, config=None, cache_dir: str | 
     """A trained MAGE and its tokenizer from ``source``: a pretraining run's workdir, the
     output of ``python -m mage_jax.convert mage``, or a released ``.pth`` file (a path or a
     URL: http(s), or file://), converted once into ``cache_dir`` (default
-    ``default_cache_dir()``). ``config``: the pretrain config the weights must fit, as the
+    ``paths.cache_dir()``). ``config``: the pretrain config the weights must fit, as the
     converter's ``--config`` (default: the preset their width implies, 768 vit_b, 1024 vit_l)."""
     source = str(source)
     if os.path.isdir(source):
         return pretrained.load(source, step)
-    cache = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = pathlib.Path(cache_dir) if cache_dir else paths.cache_dir()
     if urllib.parse.urlparse(source).scheme in ("http", "https", "file"):
         path = _download(source, cache)
     elif os.path.isfile(source):

@@ -14,6 +14,7 @@ appended to (metrics.py rewrites metrics.jsonl whole) and there is no ``flock``
 from __future__ import annotations
 
 import os
+import pathlib
 
 from etils import epath
 
@@ -48,3 +49,11 @@ def save_image(image, path) -> None:
     path = epath.Path(path)
     with path.open("wb") as f:
         image.save(f, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+
+
+def cache_dir() -> pathlib.Path:
+    """Where downloaded and converted weights are kept: ``$MAGE_JAX_CACHE``, else
+    ``$XDG_CACHE_HOME/mage_jax`` (``~/.cache/mage_jax``)."""
+    root = os.environ.get("MAGE_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "mage_jax")
+    return pathlib.Path(root).expanduser()

@@ -12,21 +12,22 @@ import os
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
-from mage_jax import checkpointing, masking
+from mage_jax import checkpointing, masking, paths
 from mage_jax.models import mage, vqgan
 from mage_jax.convert import torch_mage, torch_tokenizer
 
 
 def save_params(output: str, params, description: dict) -> None:
-    os.makedirs(output, exist_ok=True)
+    epath.Path(output).mkdir(parents=True, exist_ok=True)  # a local folder or gs://
     checkpointer = checkpointing.Checkpointer(output, keep=1, async_save=False)
     if checkpointer.latest_step() is not None:
         raise FileExistsError(f"--output={output} already holds a checkpoint; choose a new directory.")
     checkpointer.save(0, {"params": params})
     checkpointer.close()
-    with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(description, f, indent=2, sort_keys=True, default=str)
+    paths.write_text(os.path.join(output, "config.json"),
+                     json.dumps(description, indent=2, sort_keys=True, default=str))
 
 
 def convert_tokenizer_file(path: str, output: str) -> dict:

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mage_jax import paths
+
 # torch-fidelity's copy of the weights; the hex after the last '-' starts the SHA-256.
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                "weights-inception-2015-12-05-6726825d.pth")
@@ -269,10 +271,6 @@ def check_sha256_prefix(path, prefix: str) -> None:
                          f"{prefix}: the file is corrupt or not the expected weights.")
 
 
-def default_cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("MAGE_JAX_CACHE", "~/.cache/mage_jax")).expanduser()
-
-
 def inception_weights_path(path: str | None = None, allow_download: bool = False,
                            cache_dir=None, setting: str = "--inception_weights",
                            download_setting: str = "--download_inception") -> pathlib.Path:
@@ -286,7 +284,7 @@ def inception_weights_path(path: str | None = None, allow_download: bool = False
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{setting}={path} does not exist.")
         return pathlib.Path(path)
-    cached = pathlib.Path(cache_dir or default_cache_dir()) / os.path.basename(WEIGHTS_URL)
+    cached = pathlib.Path(cache_dir or paths.cache_dir()) / os.path.basename(WEIGHTS_URL)
     if cached.is_file():
         return cached
     if not allow_download:

@@ -21,6 +21,7 @@ import json
 
 from absl import app, flags
 
+from mage_jax import paths
 from mage_jax.eval import fid, images, inception
 
 _IMAGES = flags.DEFINE_string("images", None, "Folder of PNG/JPEG images, or .npz with 'images'.")
@@ -34,7 +35,7 @@ _REFERENCE = flags.DEFINE_string(
 _WEIGHTS = flags.DEFINE_string(
     "inception_weights", None,
     f"FID InceptionV3 weights (.pth or .npz), e.g. {inception.WEIGHTS_URL}. Default: the cached "
-    f"copy in {inception.default_cache_dir()}.")
+    f"copy in {paths.cache_dir()}.")
 _DOWNLOAD = flags.DEFINE_bool(
     "download_inception", False, "Download the weights into the cache if they are not there.")
 _SAVE_STATS = flags.DEFINE_string("save_stats", None, "Write the images' FID statistics here.")

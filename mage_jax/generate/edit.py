@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from etils import epath
 from PIL import Image
 
-from mage_jax import pretrained, sharding
+from mage_jax import paths, pretrained, sharding
 from mage_jax.generate import editing
 from mage_jax.generate import sampler as sampler_lib
 
@@ -112,10 +113,10 @@ def main(argv):
                          seed=FLAGS.seed, num_steps=FLAGS.num_steps,
                          choice_temperature=FLAGS.choice_temperature)
     stem, ext = os.path.splitext(FLAGS.output)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    epath.Path(paths.absolute(FLAGS.output)).parent.mkdir(parents=True, exist_ok=True)
     for i, result in enumerate(edited):
         path = FLAGS.output if n == 1 else f"{stem}_{i}{ext or '.png'}"
-        Image.fromarray(result).save(path)
+        paths.save_image(Image.fromarray(result), path)
         print(f"wrote {path}")
 
 

@@ -90,12 +90,18 @@ def gcs():
     process, url = _start_emulator()
     env = {"STORAGE_EMULATOR_HOST": url, "EPATH_USE_TF": "false",
            "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+    # epath decides once per process whether TensorFlow serves gs:// (a cached check of
+    # EPATH_USE_TF): a test that touched a gs:// path earlier in this worker (e.g. a bad
+    # workdir's error) fixed it to TensorFlow, which cannot reach the emulator. Ask again.
+    from etils.epath import gpath
     try:
         with pytest.MonkeyPatch.context() as patch:
             for name, value in env.items():
                 patch.setenv(name, value)
             patch.setattr(clu_utils, "SummaryWriter", _tensorboard_in_ram)
+            gpath._is_tf_installed.cache_clear()
             yield Emulator(url)
     finally:
+        gpath._is_tf_installed.cache_clear()
         process.terminate()
         process.wait(timeout=10)

@@ -106,3 +106,30 @@ def test_workdir_without_bucket_stops_the_command_in_one_line():
     assert "--workdir=gs:///run names no bucket: give gs://BUCKET/RUN" in last, last
     assert "gcloud storage buckets create gs://BUCKET" in last, last
     assert not pathlib.Path(REPO, "gs:").exists()
+
+
+def test_converted_weights_and_edits_go_to_a_bucket(gcs, runs, tmp_path):
+    """The converter's output directory and an edit's output PNG may be gs:// paths."""
+    import numpy as np
+    from PIL import Image
+    from mage_jax.convert import files as convert_files
+    from mage_jax.generate import edit
+    root = gcs.create_bucket("mage-converted")
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    convert_files.save_params(f"{root}/tok", params, {"stage": "tokenizer"})
+    restored, step = checkpointing.restore_params(f"{root}/tok")
+    assert step == 0
+    np.testing.assert_array_equal(restored["w"], params["w"])
+    assert json.loads(epath.Path(root, "tok", "config.json").read_text()) == {"stage": "tokenizer"}
+
+    image = tmp_path / "in.png"
+    Image.fromarray(np.full((16, 16, 3), 100, np.uint8)).save(image)
+    result = subprocess.run(
+        [sys.executable, "-m", "mage_jax.generate.edit", f"--pretrain_workdir={runs[1]}",
+         f"--image={image}", "--box=4,4,12,12", "--num_steps=2",
+         f"--output={root}/edits/out.png"], cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with epath.Path(root, "edits", "out.png").open("rb") as f:
+        out = np.asarray(Image.open(f))
+    assert out.shape == (16, 16, 3) and np.all(out[:4] == 100)
