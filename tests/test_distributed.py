@@ -94,6 +94,16 @@ def _wait_all(procs: list[subprocess.Popen]) -> list[str]:
             for i, proc in enumerate(procs) if proc.poll() is None]
 
 
+def _stop_all(procs: list[subprocess.Popen], logs) -> None:
+    """No child outlives its test: kill what still runs, close the logs."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for log in logs:
+        log.close()
+
+
 def _launch(config_path: str, workdir: pathlib.Path, log_dir: pathlib.Path, *,
             num_processes: int, overrides=()) -> list[str]:
     """Runs `python -m mage_jax.main` in ``num_processes`` processes; returns their logs.
@@ -122,12 +132,7 @@ def _launch(config_path: str, workdir: pathlib.Path, log_dir: pathlib.Path, *,
                                           stderr=subprocess.STDOUT))
         failures = _wait_all(procs)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
+        _stop_all(procs, logs)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in log_paths]
     if failures:
         tails = "\n".join(f"----- process {i} ({log_paths[i]}), last lines:\n"
@@ -215,12 +220,7 @@ def test_a_killed_process_stops_its_peer_and_both_resume_exactly(tmp_path):
         procs[1].kill()
         status = procs[0].wait(timeout=180)  # a hang fails here instead of blocking
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
+        _stop_all(procs, logs)
     survivor = (tmp_path / "killed_0.log").read_text(errors="replace")
     if status == 3:  # main.py's line
         errors = [line for line in survivor.splitlines() if line.startswith("ERROR:")]
