@@ -45,9 +45,20 @@ def logits_fn_for(model: mage.MAGE, params, labels: jax.Array, guidance_scale: f
     return guided
 
 
+def mage_shardings(model: mage.MAGE, mesh):
+    """MAGE's parameters laid out by the sharding rules of pretraining (FSDP / tensor axes
+    of ``mesh``; replicated on a data-only mesh), for ``make_sampler``'s ``mage_shardings``."""
+    tokens = jnp.zeros((1, model.num_tokens + 1), jnp.int32)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens,
+                                                 method=model.decode_step_logits))["params"]
+    return sharding.logical_shardings(abstract, mesh)
+
+
 def make_sampler(model: mage.MAGE, decode_tokens, mesh, *, num_steps: int,
-                 choice_temperature: float, guidance_scale: float = 0.0):
+                 choice_temperature: float, guidance_scale: float = 0.0, mage_shardings=None):
     """The jitted sampler. ``decode_tokens(tokenizer_params, ids) -> images in [0, 1]``.
+    ``mage_shardings``: where MAGE's parameters live (default replicated; a ViT-L on small
+    chips: ``mage_shardings(model, mesh)`` over an fsdp axis).
 
     ``ids (B, L)``: [MASK] where a token is to be generated (all of them for sampling from
     scratch; a canvas for editing); ``example_index (B,)``: global sample numbers (they
@@ -67,5 +78,6 @@ def make_sampler(model: mage.MAGE, decode_tokens, mesh, *, num_steps: int,
         return tokens, to_uint8(decode_tokens(tokenizer_params, tokens))
 
     return jax.jit(sample,
-                   in_shardings=(replicated, replicated, batch_2d, batch_1d, batch_1d, replicated),
+                   in_shardings=(mage_shardings or replicated, replicated, batch_2d, batch_1d,
+                                 batch_1d, replicated),
                    out_shardings=(batch_2d, sharding.batch_sharding(mesh, 4)))

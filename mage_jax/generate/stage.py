@@ -158,13 +158,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
                          config.to_json_best_effort(indent=2, sort_keys=True))
 
     s = config.sampling
+    # MAGE's parameters split as in pretraining (over config.mesh.fsdp / tensor), so a model
+    # that needs FSDP to train samples on the same chips; the tokenizer is small: replicated.
+    mage_shardings = sampler_lib.mage_shardings(pre.model, mesh)
     sample = sampler_lib.make_sampler(
         pre.model, lambda tp, ids: pretrained.decode_tokens(pre, tp, ids), mesh,
         num_steps=int(s.num_steps), choice_temperature=float(s.choice_temperature),
-        guidance_scale=float(s.guidance_scale))
-    replicated = sharding.replicated(mesh)
-    mage_params = jax.device_put(pre.params, replicated)
-    tok_params = jax.device_put(pre.tokenizer_params, replicated)
+        guidance_scale=float(s.guidance_scale), mage_shardings=mage_shardings)
+    mage_params = jax.device_put(pre.params, mage_shardings)
+    tok_params = jax.device_put(pre.tokenizer_params, sharding.replicated(mesh))
     key = jax.random.key(int(config.seed))
 
     total, batch = int(config.num_samples), int(config.batch_size)

@@ -61,6 +61,21 @@ def test_same_samples_whatever_the_batch_and_mesh(pretrain_dir, single, tmp_path
     np.testing.assert_array_equal(other, images)
 
 
+def test_mage_split_over_fsdp_samples_the_same(pretrain_dir, single, tmp_path):
+    """With config.mesh.fsdp > 1, MAGE's parameters are split as in pretraining (a model
+    that needs FSDP to train samples on the same chips), and the samples do not change."""
+    from mage_jax import pretrained, sharding
+    from mage_jax.generate import sampler
+    _, images, _ = single
+    config = _config(pretrain_dir, batch_size=4, data=1)
+    config.mesh.fsdp = 4
+    other, _ = _run(config, tmp_path, devices=4)
+    np.testing.assert_array_equal(other, images)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
+    layouts = jax.tree.leaves(sampler.mage_shardings(pretrained.load(pretrain_dir).model, mesh))
+    assert any(not s.is_fully_replicated for s in layouts)
+
+
 def test_another_seed_gives_other_samples(pretrain_dir, single, tmp_path):
     _, images, _ = single
     config = _config(pretrain_dir, num_samples=2, batch_size=2)
