@@ -75,31 +75,47 @@ def _preset_for(path: pathlib.Path) -> str:
     return _PRESET_BY_WIDTH[width]
 
 
-def load(source: str, step: int | None = None, *, config=None, cache_dir: str | None = None,
-         ignore_keys=()) -> pretrained.Pretrained:
+def _local_file(source: str, cache: pathlib.Path, what: str) -> pathlib.Path:
+    """A path as it is; an http(s) or file:// URL fetched into the cache once."""
+    if urllib.parse.urlparse(source).scheme in ("http", "https", "file"):
+        return _download(source, cache)
+    if os.path.isfile(source):
+        return pathlib.Path(source)
+    raise FileNotFoundError(f"{source} is neither a directory (a run or converted weights), a "
+                            f"file nor a URL: give {what}.")
+
+
+def load(source: str, step: int | None = None, *, tokenizer: str | None = None, config=None,
+         cache_dir: str | None = None, ignore_keys=()) -> pretrained.Pretrained:
     """A trained MAGE and its tokenizer from ``source``: a pretraining run's workdir, the
     output of ``python -m mage_jax.convert mage``, or a released ``.pth`` file (a path or a
     URL: http(s), or file://), converted once into ``cache_dir`` (default
-    ``paths.cache_dir()``). ``config``: the pretrain config the weights must fit, as the
-    converter's ``--config`` (default: the preset their width implies, 768 vit_b, 1024 vit_l)."""
+    ``paths.cache_dir()``). ``tokenizer``: the released VQGAN ``.ckpt`` (path or URL), for a
+    ``.pth`` that does not carry its tokenizer (no ``vqgan.*`` keys). ``config``: the pretrain
+    config the weights must fit, as the converter's ``--config`` (default: the preset their
+    width implies, 768 vit_b, 1024 vit_l)."""
     source = str(source)
     if os.path.isdir(source):
         return pretrained.load(source, step)
     cache = pathlib.Path(cache_dir) if cache_dir else paths.cache_dir()
-    if urllib.parse.urlparse(source).scheme in ("http", "https", "file"):
-        path = _download(source, cache)
-    elif os.path.isfile(source):
-        path = pathlib.Path(source)
-    else:
-        raise FileNotFoundError(
-            f"{source} is neither a directory (a run or converted weights), a file nor a URL: "
-            f"give a released MAGE .pth (path or URL) or a pretraining workdir.")
+    path = _local_file(source, cache, "a released MAGE .pth (path or URL) or a pretraining "
+                                      "workdir")
     output = cache / "converted" / path.stem
+    from mage_jax.convert import files as convert_files
     if not (output / "config.json").exists():  # written last: a cut conversion is redone
-        from mage_jax.convert import files as convert_files
         shutil.rmtree(output, ignore_errors=True)
         config = config or config_files.load(f"pretrain:{_preset_for(path)}")
         convert_files.convert_mage_file(str(path), config, str(output), ignore_keys)
+    tok_dir = output / "tokenizer"
+    if not (tok_dir / "config.json").exists():
+        if tokenizer is None:
+            raise FileNotFoundError(
+                f"{source} carries no tokenizer (no vqgan.* keys): give tokenizer= the released "
+                f"VQGAN checkpoint (vqgan_jax_strongaug.ckpt, a path or URL).")
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        convert_files.convert_tokenizer_file(
+            str(_local_file(str(tokenizer), cache, "the released VQGAN .ckpt (path or URL)")),
+            str(tok_dir))
     return pretrained.load(str(output), step)
 
 

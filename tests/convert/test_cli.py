@@ -301,3 +301,20 @@ def test_notebook_load_converts_a_release_file_once(torch_files, pretrain_config
         inference.load(str(torch_files[0]), cache_dir=tmp_path / "other")
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         inference.load(str(tmp_path / "nowhere.pth"))
+
+
+def test_notebook_load_takes_the_tokenizer_beside_a_mage_without_one(
+        torch_files, pretrain_config_file, converted_mage, tmp_path):
+    """A MAGE .pth without vqgan.* keys: the released VQGAN .ckpt is given beside it
+    (``tokenizer=``, a path or URL) and converted into the same cached directory."""
+    from mage_jax import inference
+    state = torch.load(torch_files[0], weights_only=True)["model"]
+    bare = tmp_path / "mage-bare.pth"
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("vqgan.")}}, bare)
+    config = _config_from_file(pretrain_config_file)
+    with pytest.raises(FileNotFoundError, match="carries no tokenizer.*tokenizer="):
+        inference.load(str(bare), config=config, cache_dir=tmp_path / "cache")
+    pre = inference.load(str(bare), tokenizer=torch_files[1].as_uri(), cache_dir=tmp_path / "cache")
+    want = inference.load(str(converted_mage))
+    jax.tree.map(np.testing.assert_array_equal, pre.tokenizer_params, want.tokenizer_params)
+    jax.tree.map(np.testing.assert_array_equal, pre.params, want.params)
