@@ -13,10 +13,10 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-import pathlib
 import shlex
 
 import numpy as np
+from etils import epath
 
 from mage_jax.data import fashion_mnist
 
@@ -30,14 +30,14 @@ class DatasetNotFoundError(ValueError):
 
 # ----------------------------------------------------------------------------- folder source
 
-def folder_root(manual_dir, split: str) -> pathlib.Path:
+def folder_root(manual_dir, split: str) -> epath.Path:
     """``manual_dir/<split>`` when it exists (the ImageNet layout: train/, val/), else
     ``manual_dir`` itself, whose class subfolders then serve every split."""
     if not manual_dir:
         raise DatasetNotFoundError(
             "config.data.name='folder' reads config.data.manual_dir, which is not set; set it to "
             "a directory whose class subfolders hold the images (e.g. root/cat/1.png).")
-    root = pathlib.Path(manual_dir)
+    root = epath.Path(manual_dir)  # a local folder or gs://bucket/folder
     return root / split if (root / split).is_dir() else root
 
 
@@ -52,11 +52,18 @@ def decode_image(path: str) -> np.ndarray:
     """One file -> uint8 (H, W, 1) for grey images, (H, W, 3) for everything else (RGBA,
     palette and CMYK images are converted to RGB). Raises what PIL raises if unreadable."""
     from PIL import Image  # Imported lazily: only folder datasets need it here.
-    with Image.open(path) as img:
+    with epath.Path(path).open("rb") as f, Image.open(f) as img:
         img.load()  # decode now: a truncated file fails here, not later
         img = img.convert("L") if img.mode in ("L", "1", "I;16", "I") else img.convert("RGB")
         image = np.asarray(img, dtype=np.uint8)
     return image[..., None] if image.ndim == 2 else image
+
+
+def _with_scheme(walked_dir, root) -> str:
+    """epath's walk over fsspec (gcsfs) yields ``bucket/dir`` without ``gs://``; put it back."""
+    walked, root = os.fspath(walked_dir), os.fspath(root)
+    scheme = root.split("://")[0] + "://" if "://" in root else ""
+    return walked if not scheme or walked.startswith(scheme) else scheme + walked
 
 
 class FolderSource:
@@ -72,12 +79,15 @@ class FolderSource:
     """
 
     def __init__(self, root):
-        self.root = pathlib.Path(root)
+        self.root = epath.Path(root)  # a local folder or gs://bucket/folder
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir()) \
             if self.root.is_dir() else []
         self._files: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
-            for dirpath, _, filenames in sorted(os.walk(self.root / name)):
+            # Folder by folder, then by name (and so every batch) as before on local disks.
+            walked = sorted((_with_scheme(d, self.root), files)
+                            for d, _, files in (self.root / name).walk())
+            for dirpath, filenames in walked:
                 self._files.extend((os.path.join(dirpath, f), label) for f in sorted(filenames)
                                    if f.lower().endswith(IMAGE_EXTENSIONS))
         if not self._files:

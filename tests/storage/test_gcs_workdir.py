@@ -133,3 +133,24 @@ def test_converted_weights_and_edits_go_to_a_bucket(gcs, runs, tmp_path):
     with epath.Path(root, "edits", "out.png").open("rb") as f:
         out = np.asarray(Image.open(f))
     assert out.shape == (16, 16, 3) and np.all(out[:4] == 100)
+
+
+def test_a_folder_dataset_in_a_bucket(gcs):
+    """config.data.name='folder' with manual_dir=gs://...: listed, decoded, labelled."""
+    import io
+    import numpy as np
+    from PIL import Image
+    from mage_jax.data import datasets
+    root = gcs.create_bucket("mage-images")
+    for label, name in enumerate(("cat", "dog")):
+        for i in range(2):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((4, 4, 3), 10 * label + i, np.uint8)).save(buffer, "PNG")
+            epath.Path(root, "images", name, "sub" if i else "", f"{i}.png").parent.mkdir(
+                parents=True, exist_ok=True)
+            epath.Path(root, "images", name, "sub" if i else "", f"{i}.png").write_bytes(
+                buffer.getvalue())
+    source = datasets.FolderSource(datasets.folder_root(f"{root}/images", "train"))
+    assert source.classes == ["cat", "dog"] and len(source) == 4
+    values = [(int(source[i]["image"][0, 0, 0]), source[i]["label"]) for i in range(4)]
+    assert values == [(0, 0), (1, 0), (10, 1), (11, 1)]
