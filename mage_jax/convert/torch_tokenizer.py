@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from absl import logging
 from flax import traverse_util
 
@@ -260,8 +261,9 @@ def load_torch_state_dict(path) -> dict[str, np.ndarray]:
         raise ImportError("reading PyTorch checkpoints needs torch: "
                           "pip install 'mage_jax[torch]'") from e
     try:
-        with torch.serialization.safe_globals(list(TRAINER_SAFE_GLOBALS)):
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(TRAINER_SAFE_GLOBALS)), \
+                epath.Path(path).open("rb") as f:  # a local file or gs://...
+            data = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(_refusal(path, e, torch)) from None
     if not isinstance(data, Mapping):

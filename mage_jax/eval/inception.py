@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 from mage_jax import paths
@@ -236,11 +237,11 @@ def convert_state_dict(state_dict: dict, source: str = "the state dict") -> dict
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
     """A ``.pth`` (torch, weights only) or an ``.npz`` with ``state_dict/<name>`` keys."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)  # a local file or gs://...
     if not path.is_file():
         raise FileNotFoundError(f"InceptionV3 weights file {path} does not exist.")
     if path.suffix == ".npz":
-        with np.load(path) as data:
+        with path.open("rb") as f, np.load(f) as data:
             return {k[len("state_dict/"):]: data[k] for k in data.files if k.startswith("state_dict/")}
     from mage_jax.convert.torch_tokenizer import load_torch_state_dict  # lazy: torch is optional
     return load_torch_state_dict(path)
@@ -273,7 +274,7 @@ def check_sha256_prefix(path, prefix: str) -> None:
 
 def inception_weights_path(path: str | None = None, allow_download: bool = False,
                            cache_dir=None, setting: str = "--inception_weights",
-                           download_setting: str = "--download_inception") -> pathlib.Path:
+                           download_setting: str = "--download_inception") -> epath.Path:
     """The weights file to use: ``path`` if given, else the cached copy, else a download.
 
     ``setting`` and ``download_setting`` name how the caller's user sets ``path`` and
@@ -281,9 +282,9 @@ def inception_weights_path(path: str | None = None, allow_download: bool = False
     says exactly what to do.
     """
     if path:
-        if not os.path.isfile(path):
+        if not epath.Path(path).is_file():
             raise FileNotFoundError(f"{setting}={path} does not exist.")
-        return pathlib.Path(path)
+        return epath.Path(path)
     cached = pathlib.Path(cache_dir or paths.cache_dir()) / os.path.basename(WEIGHTS_URL)
     if cached.is_file():
         return cached

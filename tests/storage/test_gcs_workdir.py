@@ -154,3 +154,23 @@ def test_a_folder_dataset_in_a_bucket(gcs):
     assert source.classes == ["cat", "dog"] and len(source) == 4
     values = [(int(source[i]["image"][0, 0, 0]), source[i]["label"]) for i in range(4)]
     assert values == [(0, 0), (1, 0), (10, 1), (11, 1)]
+
+
+def test_weights_files_are_read_from_a_bucket(gcs):
+    """Released PyTorch checkpoints and .npz weights (Inception, LPIPS style) in a bucket."""
+    import io
+    import numpy as np
+    from mage_jax.convert import torch_tokenizer
+    from mage_jax.eval import inception
+    torch = pytest.importorskip("torch", reason="pip install -e '.[torch]'")
+    root = gcs.create_bucket("mage-weights")
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"conv.weight": torch.arange(6.0).reshape(2, 3)}}, buffer)
+    epath.Path(root, "vqgan.ckpt").write_bytes(buffer.getvalue())
+    got = torch_tokenizer.load_torch_state_dict(f"{root}/vqgan.ckpt")
+    np.testing.assert_array_equal(got["conv.weight"], np.arange(6.0).reshape(2, 3))
+    buffer = io.BytesIO()
+    np.savez(buffer, **{"state_dict/fc.bias": np.ones(3, np.float32)})
+    epath.Path(root, "inception.npz").write_bytes(buffer.getvalue())
+    path = inception.inception_weights_path(f"{root}/inception.npz")
+    np.testing.assert_array_equal(inception.read_state_dict(path)["fc.bias"], np.ones(3))
