@@ -7,6 +7,7 @@ batches the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import logging as std_logging
 import os
 from typing import Any
 
@@ -31,6 +32,17 @@ _WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "File too l
                    "Permission denied", "Read-only file system")
 
 
+class _QuietReadOnlyOpens(std_logging.Filter):
+    """Orbax warns at every read-only open ("Given directory is read only"); reading a
+    finished run is what the generate, probe and few-shot stages and the notebooks do."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+std_logging.getLogger("absl").addFilter(_QuietReadOnlyOpens())
+
+
 class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int | None = None, async_save: bool = True,
@@ -45,6 +57,7 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 create=not read_only,
                 read_only=read_only,
+                save_interval_steps=0 if read_only else 1,  # (orbax warns otherwise)
                 # A step a killed run left half-written (`<step>.orbax-checkpoint-tmp`) is
                 # never restored; a run that writes here removes it on start.
                 cleanup_tmp_directories=not read_only,
