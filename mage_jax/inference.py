@@ -70,8 +70,9 @@ def _preset_for(path: pathlib.Path) -> str:
     if width not in _PRESET_BY_WIDTH:
         raise ValueError(
             f"{path} is not a released MAGE ViT-B or ViT-L checkpoint ({key} width {width}; "
-            f"expected one of {sorted(_PRESET_BY_WIDTH)}). Convert it with `python -m "
-            f"mage_jax.convert mage --config=...` and load the output directory.")
+            f"expected one of {sorted(_PRESET_BY_WIDTH)}): pass config= the pretrain config "
+            f"it fits, or convert it with `python -m mage_jax.convert mage --config=...` and "
+            f"load the output directory.")
     return _PRESET_BY_WIDTH[width]
 
 
@@ -193,8 +194,11 @@ def edit(pre: pretrained.Pretrained, images: np.ndarray, box: tuple[int, int, in
     everything outside it with ``outpaint``; the rest of the image is kept exactly."""
     region = editing.box_mask(pre.image_size, tuple(box), outpaint)
     regions = np.repeat(region[None], len(images), 0)
-    return edit_lib.edit_images(pre, np.asarray(images, np.uint8), regions, seed=seed,
-                                num_steps=num_steps, choice_temperature=choice_temperature)
+    one_device = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    with jax.set_mesh(one_device):  # whatever mesh a stage run earlier left set
+        return edit_lib.edit_images(pre, np.asarray(images, np.uint8), regions, seed=seed,
+                                    num_steps=num_steps, choice_temperature=choice_temperature,
+                                    mesh=one_device)
 
 
 def pooled_features(pre: pretrained.Pretrained, images: np.ndarray,
