@@ -100,16 +100,30 @@ class RunningStatistics:
         x = np.asarray(features, np.float64)
         if x.ndim != 2 or x.shape[1] != self.mean.shape[0]:
             raise ValueError(f"features must be (N, {self.mean.shape[0]}); got {x.shape}.")
-        n = len(x)
-        if n == 0:
+        if len(x) == 0:
             return
-        batch_mean = x.mean(axis=0)
-        centred = x - batch_mean
-        delta = batch_mean - self.mean
+        centred = x - x.mean(axis=0)
+        self._merge(len(x), x.mean(axis=0), centred.T @ centred)
+
+    def _merge(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        delta = mean - self.mean
         total = self.num_images + n
-        self._m2 += centred.T @ centred + np.outer(delta, delta) * (self.num_images * n / total)
+        self._m2 += m2 + np.outer(delta, delta) * (self.num_images * n / total)
         self.mean = self.mean + delta * (n / total)
         self.num_images = total
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"num_images": np.float64(self.num_images), "mean": self.mean, "m2": self._m2}
+
+    @classmethod
+    def merged(cls, states: dict[str, np.ndarray]) -> "RunningStatistics":
+        """The statistics of all rows from stacked :meth:`state` s (e.g. one per host),
+        folded in order with the same pairwise update."""
+        stats = cls(states["mean"].shape[-1])
+        for n, mean, m2 in zip(states["num_images"], states["mean"], states["m2"]):
+            if n > 0:
+                stats._merge(int(n), mean, m2)
+        return stats
 
     def covariance(self) -> np.ndarray:
         """np.cov(features, rowvar=False): normalised by N - 1."""
@@ -159,6 +173,60 @@ def inception_score(logits_unbiased: np.ndarray, splits: int = 10) -> tuple[floa
         kl = np.sum(chunk * (log_chunk - log_marginal), axis=1)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+class InceptionScoreSums:
+    """The Inception Score of ``total`` images from sums that hosts can add up.
+
+    For split i (rows [i N // splits, (i + 1) N // splits) of the global order, as
+    :func:`inception_score`), E_x KL(p(y|x) || p(y)) = E_x sum_y p log p - sum_y pbar log pbar
+    with pbar the split's mean of p(y|x): so each split needs only its row count, the sum of
+    p(y|x) and the sum of sum_y p log p. A host adds the rows it holds (by global index)
+    wherever they fall; the sums of all hosts give the score of all images.
+    """
+
+    def __init__(self, total: int, splits: int, num_classes: int):
+        if not 1 <= splits <= total:
+            raise ValueError(f"splits={splits} must be between 1 and the number of images ({total}).")
+        self.bounds = np.asarray([i * total // splits for i in range(splits + 1)])
+        self.count = np.zeros(splits, np.float64)
+        self.p_sum = np.zeros((splits, num_classes), np.float64)
+        self.p_log_p_sum = np.zeros(splits, np.float64)
+
+    def update(self, logits_unbiased: np.ndarray, index: np.ndarray) -> None:
+        """Adds rows whose global indices (in [0, total)) are ``index``."""
+        index = np.asarray(index)
+        if index.min(initial=0) < 0 or index.max(initial=0) >= self.bounds[-1]:
+            raise ValueError(f"indices must lie in [0, {self.bounds[-1]}); got "
+                             f"{index.min()}..{index.max()}.")
+        split = np.searchsorted(self.bounds, index, side="right") - 1
+        log_p = scipy.special.log_softmax(np.asarray(logits_unbiased, np.float64), axis=1)
+        p = np.exp(log_p)
+        np.add.at(self.count, split, 1.0)
+        np.add.at(self.p_sum, split, p)
+        np.add.at(self.p_log_p_sum, split, np.sum(p * log_p, axis=1))
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"count": self.count, "p_sum": self.p_sum, "p_log_p_sum": self.p_log_p_sum}
+
+    @classmethod
+    def summed(cls, states: dict[str, np.ndarray], total: int, splits: int) -> "InceptionScoreSums":
+        """The sums of stacked :meth:`state` s (e.g. one per host)."""
+        sums = cls(total, splits, states["p_sum"].shape[-1])
+        sums.count = np.sum(states["count"], axis=0)
+        sums.p_sum = np.sum(states["p_sum"], axis=0)
+        sums.p_log_p_sum = np.sum(states["p_log_p_sum"], axis=0)
+        return sums
+
+    def score(self) -> tuple[float, float]:
+        expected = np.diff(self.bounds)
+        if not np.array_equal(self.count, expected):
+            raise ValueError(f"images per split {self.count.astype(int).tolist()} differ from "
+                             f"the expected {expected.tolist()}: an image is missing or counted twice.")
+        marginal = self.p_sum / self.count[:, None]
+        kl = self.p_log_p_sum / self.count - np.sum(scipy.special.xlogy(marginal, marginal), axis=1)
+        scores = np.exp(kl)
+        return float(np.mean(scores)), float(np.std(scores))
 
 
 # --------------------------------------------------------------------------- files

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pathlib
 import re
 import shutil
 import tempfile
@@ -285,7 +284,7 @@ def inception_weights_path(path: str | None = None, allow_download: bool = False
         if not epath.Path(path).is_file():
             raise FileNotFoundError(f"{setting}={path} does not exist.")
         return epath.Path(path)
-    cached = pathlib.Path(cache_dir or paths.cache_dir()) / os.path.basename(WEIGHTS_URL)
+    cached = epath.Path(cache_dir or paths.cache_dir()) / os.path.basename(WEIGHTS_URL)
     if cached.is_file():
         return cached
     if not allow_download:

@@ -78,20 +78,37 @@ def check_labels(config, model) -> None:
             f"with 1 <= num_classes <= {limit} (every class in turn).")
 
 
-def _measures(config, pre, images: np.ndarray, labels: np.ndarray) -> dict:
+def _inception_measures(config, images: np.ndarray, index: np.ndarray) -> dict:
+    """FID and IS of all hosts' samples: each host runs the Inception network on the
+    samples it holds; the running statistics and the per-split IS sums of every host are
+    merged (exactly: float64 throughout), so the result is that of one host holding them
+    all, and no image leaves its host."""
+    from mage_jax.eval import fid, hosts, inception
+    weights = inception.inception_weights_path(
+        config.fid.inception_weights or None, bool(config.fid.download),
+        setting="config.fid.inception_weights", download_setting="config.fid.download")
+    reference = fid.load_statistics(config.fid.reference_stats)[:2]
+    total, splits = int(config.num_samples), int(config.fid.splits)
+    stats, is_sums = fid.RunningStatistics(), fid.InceptionScoreSums(total, splits, inception.NUM_CLASSES)
+    done = 0
+    with jax.set_mesh(None):  # a plain jit on this host's device, not over the pod's mesh
+        for pool3, logits in fid.extract_features(inception.load_inception(weights), [images],
+                                                  int(config.fid.batch_size)):
+            stats.update(pool3)
+            is_sums.update(logits, index[done:done + len(logits)])
+            done += len(logits)
+    stats = fid.RunningStatistics.merged(hosts.gather(stats.state()))
+    is_mean, is_std = fid.InceptionScoreSums.summed(hosts.gather(is_sums.state()), total,
+                                                    splits).score()
+    return {"fid": fid.frechet_distance(stats.mean, stats.covariance(), *reference),
+            "inception_score": is_mean, "inception_score_std": is_std}
+
+
+def _measures(config, pre, images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> dict:
     """FID/IS against saved reference statistics, and the offline classifier measures."""
     scores = {}
     if config.fid.reference_stats:
-        from mage_jax.eval import fid, inception
-        weights = inception.inception_weights_path(
-            config.fid.inception_weights or None, bool(config.fid.download),
-            setting="config.fid.inception_weights", download_setting="config.fid.download")
-        reference = fid.load_statistics(config.fid.reference_stats)[:2]
-        metrics, _ = fid.evaluate(inception.load_inception(weights), [images],
-                                  int(config.fid.batch_size), int(config.fid.splits), reference)
-        scores.update(fid=metrics["frechet_inception_distance"],
-                      inception_score=metrics["inception_score_mean"],
-                      inception_score_std=metrics["inception_score_std"])
+        scores.update(_inception_measures(config, images, index))
     if config.classifier_measures.enabled:
         from mage_jax.generate import measures
         scores.update(measures.classifier_measures(
@@ -103,12 +120,11 @@ def _measures(config, pre, images: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def _check_measures(config, pre) -> None:
-    if (config.fid.reference_stats or config.classifier_measures.enabled) and \
-            jax.process_count() > 1:
+    if config.classifier_measures.enabled and jax.process_count() > 1:
         raise validation.ConfigError(
-            "FID/IS and the classifier measures run in the generate stage on one host; on a "
-            "pod, sample with config.fid.reference_stats='' and classifier_measures.enabled="
-            "False, then score the samples folder with `python -m mage_jax.eval.score`.")
+            "the classifier measures (for the embedded dataset's demo) run on one host; on "
+            "several, turn them off with --config.classifier_measures.enabled=False (FID/IS "
+            "with config.fid.reference_stats work on any number of hosts).")
     if config.fid.reference_stats:
         from mage_jax.eval import fid, inception
         fid.load_statistics(config.fid.reference_stats)  # exists, right feature size
@@ -210,7 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     scores = {"num_samples": float(total), "sampling_seconds": seconds,
               "images_per_sec": total / seconds}
     local_labels = class_labels(config, local_index)
-    scores.update(_measures(config, pre, local_images, local_labels))
+    scores.update(_measures(config, pre, local_images, local_labels, local_index))
     if jax.process_index() == 0:
         paths.save_image(Image.fromarray(picture), os.path.join(workdir, GRID_PNG))
     writer.write_images(pre.step, {"samples": picture[None].astype(np.float32) / 255.0})

@@ -8,6 +8,7 @@ import scipy.linalg
 import pytest
 from absl import flags
 from absl.testing import flagsaver
+from etils import epath
 from PIL import Image
 
 from mage_jax.eval import fid, images, inception, score
@@ -143,6 +144,67 @@ def test_inception_score_splits_are_consecutive_chunks():
 
 # --------------------------------------------------------------------------- files
 
+# --------------------------------------------------------------------------- hosts
+
+def _host_parts(count: int, hosts: int, rng) -> list[np.ndarray]:
+    """Global indices as a pod holds them: each host a few rows of every batch of 8."""
+    order = rng.permutation(count)
+    return [np.sort(order[h::hosts]) for h in range(hosts)]
+
+
+def test_statistics_merged_from_hosts_equal_those_of_all_rows():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(40, 6)) * [1, 2, 3, 4, 5, 6] + 10.0
+    states = []
+    for rows in _host_parts(40, 3, rng):
+        stats = fid.RunningStatistics(6)
+        stats.update(features[rows[:5]])
+        stats.update(features[rows[5:]])
+        states.append(stats.state())
+    states.append(fid.RunningStatistics(6).state())  # a host that holds no sample
+    stacked = {k: np.stack([s[k] for s in states]) for k in states[0]}
+    merged = fid.RunningStatistics.merged(stacked)
+    assert merged.num_images == 40
+    np.testing.assert_allclose(merged.mean, features.mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(merged.covariance(), np.cov(features, rowvar=False), rtol=1e-12)
+
+
+def test_inception_score_summed_from_hosts_equals_the_direct_one():
+    """Rows scattered over hosts by global index give torch-fidelity's score of the rows in
+    global order (consecutive splits), not of each host's rows."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(23, 7)) * 3.0
+    logits[:8, 0] += 6.0  # splits differ, so a wrong split assignment changes the score
+    want = fid.inception_score(logits, splits=4)
+    states = []
+    for rows in _host_parts(23, 3, rng):
+        sums = fid.InceptionScoreSums(23, 4, 7)
+        sums.update(logits[rows], rows)
+        states.append(sums.state())
+    stacked = {k: np.stack([s[k] for s in states]) for k in states[0]}
+    got = fid.InceptionScoreSums.summed(stacked, 23, 4).score()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert abs(fid.inception_score(logits[rng.permutation(23)], splits=4)[0] - want[0]) > 1e-3
+
+
+def test_inception_score_sums_refuse_missing_or_out_of_range_rows():
+    sums = fid.InceptionScoreSums(10, 2, 3)
+    sums.update(np.zeros((9, 3)), np.arange(9))
+    with pytest.raises(ValueError, match=r"images per split \[5, 4\] differ from the expected \[5, 5\]"):
+        sums.score()
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 10\)"):
+        sums.update(np.zeros((1, 3)), np.array([10]))
+
+
+def test_gather_on_one_process_keeps_every_bit():
+    from mage_jax.eval import hosts
+    x = np.array([1.0 + 2.0 ** -52, np.pi, -1e-300])
+    got = hosts.gather({"x": x, "count": np.float64(3)})
+    assert got["x"].shape == (1, 3) and got["x"].dtype == np.float64
+    np.testing.assert_array_equal(got["x"][0], x)
+    assert got["count"].shape == (1,)  # a scalar per process
+
+
 def test_statistics_file_round_trip_and_feature_size_check(tmp_path):
     x = np.random.default_rng(4).normal(size=(10, 16))
     mu, sigma = x.mean(0), np.cov(x, rowvar=False)
@@ -257,7 +319,8 @@ def test_weights_path_without_file_says_where_to_get_it(tmp_path):
         inception.inception_weights_path(str(tmp_path / "nope.pth"))
     cached = tmp_path / inception.WEIGHTS_URL.rsplit("/", 1)[1]
     cached.write_bytes(b"x")
-    assert inception.inception_weights_path(None, cache_dir=tmp_path) == cached
+    found = inception.inception_weights_path(None, cache_dir=tmp_path)
+    assert found == cached and isinstance(found, epath.Path)  # one type, given or cached
 
 
 # --------------------------------------------------------------------------- the command
