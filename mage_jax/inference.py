@@ -62,9 +62,8 @@ def _download(url: str, cache_dir: pathlib.Path) -> pathlib.Path:
     return target
 
 
-def _preset_for(path: pathlib.Path) -> str:
-    from mage_jax.convert import torch_tokenizer
-    state_dict = torch_tokenizer.load_torch_state_dict(str(path))
+def _preset_for(state_dict, path: pathlib.Path) -> str:
+    """The preset a released ``.pth``'s state dict (read from ``path``) fits, by width."""
     key = "token_emb.word_embeddings.weight"
     width = int(state_dict[key].shape[1]) if key in state_dict else None
     if width not in _PRESET_BY_WIDTH:
@@ -105,8 +104,11 @@ def load(source: str, step: int | None = None, *, tokenizer: str | None = None, 
     from mage_jax.convert import files as convert_files
     if not (output / "config.json").exists():  # written last: a cut conversion is redone
         shutil.rmtree(output, ignore_errors=True)
-        config = config or config_files.load(f"pretrain:{_preset_for(path)}")
-        convert_files.convert_mage_file(str(path), config, str(output), ignore_keys)
+        from mage_jax.convert import torch_tokenizer
+        state_dict = torch_tokenizer.load_torch_state_dict(str(path))  # read once (1-2 GB)
+        config = config or config_files.load(f"pretrain:{_preset_for(state_dict, path)}")
+        convert_files.convert_mage_file(str(path), config, str(output), ignore_keys,
+                                        state_dict=state_dict)
     tok_dir = output / "tokenizer"
     if not (tok_dir / "config.json").exists():
         if tokenizer is None:

@@ -1,4 +1,7 @@
 """The smallest configs that still run every part of a stage, for end-to-end tests."""
+import os
+import sys
+
 from mage_jax import config_files
 
 
@@ -62,3 +65,22 @@ def tiny_fewshot_task(train_split: str = "train[:200]", test_split: str = "test[
     import ml_collections
     return ml_collections.ConfigDict(dict(datasets={"fashion_mnist": (train_split, test_split)},
                                           shots=(1, 5), seeds=2, batch_size=8))
+
+
+def tiny_run_env() -> dict:
+    """The environment of a stage run in a subprocess: one device, XLA's quick compiles (the
+    tests' setting), so each start costs little."""
+    return dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+
+
+def tiny_tokenizer_command(workdir, steps: int, **overrides) -> list[str]:
+    """``python -m mage_jax.main`` on a tiny tokenizer demo (batch 8, 16 px, no summaries or
+    eval) for ``steps`` steps into ``workdir``; ``overrides``: more ``--config.NAME=VALUE``
+    flags (e.g. ``log_every=1``, ``checkpoint_every=1``, ``keep_checkpoints=3``)."""
+    settings = {"total_steps": steps, "log_every": 1, "checkpoint_every": 2,
+                "image_summary_every": 0, "eval.num_examples": 0, "batch_size": 8,
+                "data.image_size": 16, "tokenizer.codebook_size": 32,
+                "tokenizer.ch_mult": "(1,2)", **overrides}
+    return ([sys.executable, "-m", "mage_jax.main", "--config=configs/tokenizer.py:demo"]
+            + [f"--config.{name}={value}" for name, value in settings.items()]
+            + [f"--workdir={workdir}"])

@@ -65,10 +65,14 @@ def check_widths(state_dict, config, where: str = "the checkpoint") -> None:
                 f"size. Pick its preset (vit_b: 768, vit_l: 1024) or set --config.model.{field}.")
 
 
-def convert_mage_file(path: str, config, output: str, ignore_keys=()) -> dict:
+def convert_mage_file(path: str, config, output: str, ignore_keys=(), *,
+                      state_dict=None) -> dict:
     """``ignore_keys``: key prefixes to drop (e.g. a MAGE-C projection head); any other key
-    that the official MAGE does not have is an error naming it."""
-    state_dict = torch_tokenizer.load_torch_state_dict(path)
+    that the official MAGE does not have is an error naming it. ``state_dict``: ``path``'s
+    contents when the caller has already read them (``load_torch_state_dict``), so a
+    1-2 GB release is not read twice."""
+    if state_dict is None:
+        state_dict = torch_tokenizer.load_torch_state_dict(path)
     check_widths(state_dict, config, path)
     params, sizes = torch_mage.convert_mage(
         state_dict, num_heads=config.model.num_heads,

@@ -23,6 +23,7 @@ LAUNCHER = ROOT / "launch" / "tpu_pod.py"
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 sys.path.insert(0, str(ROOT / "launch"))
 import tpu_pod  # noqa: E402
+import tpu_slices  # noqa: E402
 
 FAKE_GCLOUD = '''#!{python}
 import json, os, shutil, sys
@@ -265,10 +266,10 @@ def test_accelerator_types_map_onto_the_planners_slices():
             "v5p-256": ("v5p:4x4x8", 32), "v5litepod-8": ("v5e:2x4", 1),
             "v5litepod-16": ("v5e:4x4", 4), "v6e-8": ("v6e:2x4", 1), "v6e-256": ("v6e:16x16", 64)}
     for name, (topo, hosts) in want.items():
-        tpu = tpu_pod.Slice(name)
+        tpu = tpu_slices.Slice(name)
         assert (tpu.topology, tpu.hosts) == (topo, hosts), name
-        assert tpu_pod.topology.check_name(tpu.topology) == tpu.generation
-    assert set(tpu_pod.RUNTIMES) == set(tpu_pod.topology.CHIPS)
+        assert tpu_slices.topology.check_name(tpu.topology) == tpu.generation
+    assert set(tpu_slices.RUNTIMES) == set(tpu_slices.topology.CHIPS)
 
 
 # ---------------------------------------------------------------------------------------

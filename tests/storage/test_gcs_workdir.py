@@ -113,7 +113,6 @@ def test_converted_weights_and_edits_go_to_a_bucket(gcs, runs, tmp_path):
     import numpy as np
     from PIL import Image
     from mage_jax.convert import files as convert_files
-    from mage_jax.generate import edit
     root = gcs.create_bucket("mage-converted")
     params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
     convert_files.save_params(f"{root}/tok", params, {"stage": "tokenizer"})

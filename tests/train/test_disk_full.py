@@ -5,30 +5,23 @@ The failure is made real for the running process only: its file-size limit is lo
 (``prlimit``) once it has completed a checkpoint, so every later write fails in the kernel
 (EFBIG, as ENOSPC would on a full disk), in tensorstore's threads as in Python's.
 """
-import os
 import pathlib
 import resource
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 
 from mage_jax import checkpointing
+from tests.tiny_configs import tiny_run_env, tiny_tokenizer_command
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-_ENV = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
 
 
 def _command(workdir, steps):
     # Logged at the first and last step only, so the next write after the limit is a save.
-    return [sys.executable, "-m", "mage_jax.main", "--config=configs/tokenizer.py:demo",
-            f"--config.total_steps={steps}", "--config.log_every=1000",
-            "--config.checkpoint_every=2", "--config.image_summary_every=0",
-            "--config.eval.num_examples=0", "--config.batch_size=8",
-            "--config.data.image_size=16", "--config.tokenizer.codebook_size=32",
-            "--config.tokenizer.ch_mult=(1,2)", f"--workdir={workdir}"]
+    return tiny_tokenizer_command(workdir, steps, log_every=1000)
 
 
 def _complete_steps(workdir) -> list[int]:
@@ -38,7 +31,7 @@ def _complete_steps(workdir) -> list[int]:
 
 def test_a_failed_save_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(_command(workdir, 400), cwd=REPO, env=_ENV, text=True,
+    proc = subprocess.Popen(_command(workdir, 400), cwd=REPO, env=tiny_run_env(), text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not _complete_steps(workdir):
@@ -57,7 +50,7 @@ def test_a_failed_save_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     params, step = checkpointing.restore_params(str(workdir))
     assert step == kept and all(np.isfinite(p).all() for p in jax.tree.leaves(params))
     # The same command, given room again, resumes from that step and finishes.
-    done = subprocess.run(_command(workdir, kept + 2), cwd=REPO, env=_ENV, text=True,
+    done = subprocess.run(_command(workdir, kept + 2), cwd=REPO, env=tiny_run_env(), text=True,
                           capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"at step {kept}" in done.stderr and "Resuming" in done.stderr

@@ -7,25 +7,22 @@ import pathlib
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 
 from mage_jax import checkpointing
+from tests.tiny_configs import tiny_run_env, tiny_tokenizer_command
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 40
-# Every step checkpointed (asynchronously) and logged, so kills land in and between saves.
-_COMMAND = [sys.executable, "-m", "mage_jax.main", "--config=configs/tokenizer.py:demo",
-            f"--config.total_steps={STEPS}", "--config.log_every=1",
-            "--config.checkpoint_every=1", "--config.keep_checkpoints=3",
-            "--config.image_summary_every=0", "--config.eval.num_examples=0",
-            "--config.batch_size=8", "--config.data.image_size=16",
-            "--config.tokenizer.codebook_size=32", "--config.tokenizer.ch_mult=(1,2)"]
-# One device, XLA's quick compiles (the tests' setting): each restart costs its start-up.
-_ENV = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+
+
+def _command(workdir, steps: int = STEPS) -> list[str]:
+    # Every step checkpointed (asynchronously) and logged, so kills land in and between saves.
+    return tiny_tokenizer_command(workdir, steps, log_every=1, checkpoint_every=1,
+                                  keep_checkpoints=3)
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -50,13 +47,13 @@ def _params(workdir):
 
 def test_five_kills_at_random_moments_end_bit_identical_to_an_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_COMMAND + [f"--workdir={straight}"], cwd=REPO, env=_ENV,
+    subprocess.run(_command(straight), cwd=REPO, env=tiny_run_env(),
                    check=True, capture_output=True, timeout=600)
     rng = random.Random(0)
     kills = 0
     while kills < 5:
         log = open(tmp_path / f"log{kills}.txt", "w")
-        proc = subprocess.Popen(_COMMAND + [f"--workdir={killed}"], cwd=REPO, env=_ENV,
+        proc = subprocess.Popen(_command(killed), cwd=REPO, env=tiny_run_env(),
                                 stdout=subprocess.DEVNULL, stderr=log)
         # Wait for this run's own first logged step, then kill it a random moment later.
         before = _lines(killed)
@@ -72,7 +69,7 @@ def test_five_kills_at_random_moments_end_bit_identical_to_an_uninterrupted_run(
         proc.wait()
         log.close()
         kills += 1
-    subprocess.run(_COMMAND + [f"--workdir={killed}"], cwd=REPO, env=_ENV, check=True,
+    subprocess.run(_command(killed), cwd=REPO, env=tiny_run_env(), check=True,
                    capture_output=True, timeout=600)
     assert kills == 5, "the run finished before five kills: lengthen it"
     step_a, params_a = _params(straight)
@@ -89,8 +86,7 @@ def test_five_kills_at_random_moments_end_bit_identical_to_an_uninterrupted_run(
 
 def test_a_half_written_step_is_ignored_and_removed(tmp_path):
     def run(steps):
-        subprocess.run(_COMMAND[:4] + [f"--config.total_steps={steps}"] + _COMMAND[5:]
-                       + [f"--workdir={workdir}"], cwd=REPO, env=_ENV, check=True,
+        subprocess.run(_command(workdir, steps), cwd=REPO, env=tiny_run_env(), check=True,
                        capture_output=True, timeout=600)
 
     workdir = tmp_path / "run"
