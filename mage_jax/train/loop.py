@@ -210,10 +210,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             writer.write_scalars(step, scores)
             writer.write_images(step, {k: np.asarray(v) for k, v in images.items()})
             last_metrics = dict(last_metrics or {}, **scores)
-    finally:
-        # Pending asynchronous saves finish even when a step raised.
-        writer.flush()
-        checkpointer.close()
+    except BaseException:
+        # Pending asynchronous saves finish even when a step raised; but what stopped the run
+        # is the error to report: a writer that cannot flush either (a full disk fails both)
+        # must not replace it.
+        for finish in (writer.flush, checkpointer.close):
+            try:
+                finish()
+            except Exception as e:  # noqa: BLE001
+                logging.warning("while stopping: %s", " ".join(str(e).split())[:300])
+        raise
+    writer.flush()
+    checkpointer.close()
     if last_metrics is not None:
         logging.info("Finished at step %d: %s", config.total_steps, last_metrics)
     return state
