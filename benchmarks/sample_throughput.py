@@ -23,14 +23,18 @@ if _REPO not in sys.path:
 
 from absl import app, flags, logging  # noqa: E402
 
+sys.path.insert(0, os.path.join(_REPO, "benchmarks"))
+# Its machine description, the XLA defaults the entry point applies, and its --output_dir
+# flag (absl allows one flag of a name per process; both scripts mean the same by it).
+import train_throughput  # noqa: E402
+
 _PRESET = flags.DEFINE_string("preset", "vit_b", "configs/pretrain.py preset (random weights).")
 _WORKDIR = flags.DEFINE_string("pretrain_workdir", None, "A trained run instead of a preset.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per call.")
 _STEPS = flags.DEFINE_integer("num_steps", 12, "Decoding steps (official script: 12).")
 _TEMPERATURE = flags.DEFINE_float("choice_temperature", 4.5, "Re-masking temperature.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed calls after the compiled first one.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(_REPO, "benchmarks", "results"),
-                                  "Where the result JSON goes ('' writes none).")
+_OUTPUT_DIR = train_throughput._OUTPUT_DIR
 
 
 def _random_pretrained(preset: str):
@@ -58,7 +62,10 @@ def _random_pretrained(preset: str):
                                  workdir="", run_config={})
 
 
-def run(pre, batch: int, num_steps: int, temperature: float, repeats: int) -> dict:
+def run(pre, batch: int, num_steps: int, temperature: float, repeats: int, warmup: int = 1,
+        time_decode: bool = True) -> dict:
+    """``warmup`` untimed calls after the compile, then ``repeats`` timed ones; the
+    tokenizer's decode is timed alone too unless ``time_decode`` is False."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -74,18 +81,21 @@ def run(pre, batch: int, num_steps: int, temperature: float, repeats: int) -> di
     t0 = time.perf_counter()
     compiled = sample.lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*args))
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
-    decode = jax.jit(lambda tp, i: pretrained.decode_tokens(pre, tp, i))
-    tokens = jnp.zeros((batch, pre.model.num_tokens), jnp.int32)
-    jax.block_until_ready(decode(pre.tokenizer_params, tokens))
-    t0 = time.perf_counter()
-    jax.block_until_ready(decode(pre.tokenizer_params, tokens))
-    decode_s = time.perf_counter() - t0
+    decode_s = None
+    if time_decode:
+        decode = jax.jit(lambda tp, i: pretrained.decode_tokens(pre, tp, i))
+        tokens = jnp.zeros((batch, pre.model.num_tokens), jnp.int32)
+        jax.block_until_ready(decode(pre.tokenizer_params, tokens))
+        t0 = time.perf_counter()
+        jax.block_until_ready(decode(pre.tokenizer_params, tokens))
+        decode_s = time.perf_counter() - t0
     seconds = float(np.median(times))
     return {"batch_size": batch, "num_steps": num_steps, "image_size": pre.image_size,
             "seconds_per_batch": seconds, "images_per_sec": batch / seconds,
@@ -96,8 +106,6 @@ def run(pre, batch: int, num_steps: int, temperature: float, repeats: int) -> di
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}.")
-    sys.path.insert(0, os.path.join(_REPO, "benchmarks"))
-    from train_throughput import machine_description
     from mage_jax import pretrained
     logging.set_verbosity(logging.WARNING)
     if _WORKDIR.value:
@@ -106,7 +114,7 @@ def main(argv):
         pre, name = _random_pretrained(_PRESET.value), _PRESET.value
     result = {"name": f"sample {name} batch {_BATCH.value} steps {_STEPS.value}",
               **run(pre, _BATCH.value, _STEPS.value, _TEMPERATURE.value, _REPEATS.value),
-              "machine": machine_description(),
+              "machine": train_throughput.machine_description(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(json.dumps(result, indent=1))
     if _OUTPUT_DIR.value:
