@@ -1,6 +1,6 @@
 """Images per second of the per-host input pipeline alone, on ImageNet-like JPEGs.
 
-    python benchmarks/input_pipeline.py                  # 1 and 2 read threads
+    python benchmarks/input_pipeline.py                  # 1, 2 read threads; 2 workers
     python benchmarks/input_pipeline.py --threads=1,2,4,8 --num_images=2048
 
 Makes a TFDS dataset in array_record (``--num_images`` JPEGs of ImageNet's typical sizes,
@@ -32,6 +32,9 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 1024, "JPEGs in the made datase
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Host batch.")
 _BATCHES = flags.DEFINE_integer("batches", 12, "Timed batches per setting.")
 _THREADS = flags.DEFINE_list("threads", ["1", "2"], "grain read threads to try.")
+_WORKERS = flags.DEFINE_list("worker_processes", ["2"],
+                             "data.worker_processes to try (grain worker processes, each "
+                             "with the default read threads); '' for none.")
 _SIZE = flags.DEFINE_integer("image_size", 256, "Crop size (the paper: 256).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(_REPO, "benchmarks", "results"),
                                   "Where the result JSON goes ('' writes none).")
@@ -133,6 +136,14 @@ def main(argv):
             source, cfg, seed=0, global_batch_size=batch, process_index=0, process_count=1))
         results["settings"][f"{threads}_threads"] = _rate(lambda: next(it), _BATCHES.value,
                                                           batch)
+    for workers in (int(w) for w in _WORKERS.value if w):
+        cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+        cfg.update(name=dataset["name"], data_dir=scratch, worker_processes=workers)
+        it = pipeline.train_iterator(cfg, seed=0, global_batch_size=batch, process_index=0,
+                                     process_count=1)
+        next(it)  # untimed: the workers start (each imports the pipeline)
+        results["settings"][f"{workers}_worker_processes"] = _rate(
+            lambda: next(it), _BATCHES.value, batch)
     for key, value in [("read + decode", results["read_and_decode_per_s"]),
                        ("augment (crop, flip) of decoded", results["augment_per_s"])] + [
             (f"pipeline, {k.replace('_', ' ')}", v) for k, v in results["settings"].items()]:

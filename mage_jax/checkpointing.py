@@ -15,6 +15,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mage_jax import paths
 
@@ -122,7 +123,9 @@ class Checkpointer:
         """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
         self.check_compatible(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        # A run that read with worker processes saved no iterator state (its position is
+        # its step): nothing to restore into a threaded reader then.
+        if data_iterator is not None and epath.Path(self.directory, str(step), "data").exists():
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]

@@ -54,6 +54,9 @@ def data_config(name: str = "imagenet2012", image_size: int = 256) -> ml_collect
         grayscale_prob=0.2,
         read_threads=2,
         prefetch=2,
+        # Grain worker processes for decoding and augmentation (0: threads of the training
+        # process only); for pod hosts with many cores per chip (benchmarks/README.md).
+        worker_processes=0,
     ))
 
 

@@ -133,10 +133,10 @@ def _train_example(example, rng, *, aug: TrainAugment, two_views: bool) -> dict:
 
 # ----------------------------------------------------------------------------- training
 
-def train_dataset_from_source(source, data_cfg, *, seed: int, global_batch_size: int,
-                              process_index: int, process_count: int,
-                              two_views: bool = False) -> grain.IterDataset:
-    """``train_dataset`` over an already opened random-access source (tests use small ones)."""
+def _train_batches(source, data_cfg, *, seed: int, global_batch_size: int,
+                   process_index: int, process_count: int, two_views: bool = False):
+    """(this host's batches as a MapDataset: batch s at index s, the same stream as an
+    IterDataset read by ``data.read_threads`` threads)."""
     _check_process(process_index, process_count)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r}: the data seed must be a non-negative integer.")
@@ -148,8 +148,27 @@ def train_dataset_from_source(source, data_cfg, *, seed: int, global_batch_size:
     ds = ds.shuffle().repeat()  # repeat() reseeds the shuffle each epoch: a new order.
     ds = ds.random_map(functools.partial(
         _train_example, aug=TrainAugment.from_config(data_cfg), two_views=two_views))
-    ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
-    return ds.to_iter_dataset(_read_options(data_cfg))
+    batches = ds.batch(batch, drop_remainder=True)[process_index::process_count]
+    return batches, batches.to_iter_dataset(_read_options(data_cfg))
+
+
+def train_dataset_from_source(source, data_cfg, *, seed: int, global_batch_size: int,
+                              process_index: int, process_count: int,
+                              two_views: bool = False) -> grain.IterDataset:
+    """``train_dataset`` over an already opened random-access source (tests use small ones)."""
+    return _train_batches(source, data_cfg, seed=seed, global_batch_size=global_batch_size,
+                          process_index=process_index, process_count=process_count,
+                          two_views=two_views)[1]
+
+
+def worker_processes(data_cfg) -> int:
+    """``data.worker_processes``: 0 reads in threads of the training process (its iterator
+    state is ``{'next_index': step}``); N > 0 decodes and augments in N grain worker
+    processes, for hosts whose cores one Python process cannot keep busy (the GIL)."""
+    count = int(data_cfg.get("worker_processes", 0))
+    if count < 0:
+        raise ValueError(f"config.data.worker_processes={count} must be >= 0 (0: threads only).")
+    return count
 
 
 def train_dataset(data_cfg, *, seed: int, global_batch_size: int, process_index: int,
@@ -187,10 +206,25 @@ def train_iterator(data_cfg, *, seed: int, global_batch_size: int, process_index
     """
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0.")
-    ds = train_dataset(data_cfg, seed=seed, global_batch_size=global_batch_size,
-                       process_index=process_index, process_count=process_count,
-                       two_views=two_views)
-    return position_iterator(ds, start_step)
+    workers = worker_processes(data_cfg)
+    if not workers:
+        ds = train_dataset(data_cfg, seed=seed, global_batch_size=global_batch_size,
+                           process_index=process_index, process_count=process_count,
+                           two_views=two_views)
+        return position_iterator(ds, start_step)
+    # Worker processes: batch s is still the MapDataset's element s, so the stream starts at
+    # `start_step` by slicing, and the workers take batches in turn (grain keeps their
+    # order). The iterator's own state then counts from that slice: the run's position is
+    # its step, so the loop checkpoints no data state in this mode.
+    source = datasets.open_source(data_cfg, data_cfg.get("train_split", "train"))
+    batches, _ = _train_batches(source, data_cfg, seed=seed, global_batch_size=global_batch_size,
+                                process_index=process_index, process_count=process_count,
+                                two_views=two_views)
+    ds = batches[start_step:].to_iter_dataset(_read_options(data_cfg))
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults outside
+        flags.FLAGS.mark_as_parsed()  # an absl app: a notebook, a test)
+    return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
 
 
 # ----------------------------------------------------------------------------- evaluation

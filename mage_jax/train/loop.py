@@ -141,9 +141,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
         config.data, seed=config.seed, global_batch_size=config.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
         two_views=stage.two_views, start_step=start_step)
+    # The iterator is positioned by step either way; its state is checkpointed beside the
+    # model's (and checked on restore) where it is the plain {'next_index': step}.
+    saved_iter = None if pipeline.worker_processes(config.data) else data_iter
     if start_step:
         logging.info("Resuming from %s at step %d.", checkpointer.directory, start_step)
-        state = checkpointer.restore(start_step, abstract_state, data_iter)
+        state = checkpointer.restore(start_step, abstract_state, saved_iter)
     else:
         init = jax.jit(lambda r: nn.unbox(stage.init_state(r)), out_shardings=state_shardings)
         state = init(init_rng)
@@ -195,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             preempted = checkpointer.reached_preemption(step) or interrupt.requested()
             if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
                 _check_finite(step, step_metrics)
-                checkpointer.save(step, state, data_iter)
+                checkpointer.save(step, state, saved_iter)
             if preempted:
                 checkpointer.wait()
                 logging.warning("Stopped at step %d (%s): checkpoint saved; run the same "

@@ -44,6 +44,25 @@ def test_fashion_mnist_batches_and_resume(prepared_data_dir, make_data_config):
     assert resumed_it.get_state() == {"next_index": 8}
 
 
+def test_worker_processes_give_the_same_batches_from_any_step(prepared_data_dir,
+                                                               make_data_config):
+    """data.worker_processes: decoding and augmentation in 2 grain worker processes yield,
+    pixel for pixel, the batches the threaded reader yields, from the start and from a
+    resumed step; a negative count is refused."""
+    cfg = make_data_config(data_dir=prepared_data_dir)
+    kwargs = dict(seed=3, global_batch_size=8, process_index=0, process_count=1)
+    threads = _take(pipeline.train_iterator(cfg, **kwargs), 6)
+    cfg.worker_processes = 2
+    for start in (0, 3):
+        workers = _take(pipeline.train_iterator(cfg, start_step=start, **kwargs), 6 - start)
+        for want, got in zip(threads[start:], workers):
+            np.testing.assert_array_equal(want["image"], got["image"])
+            np.testing.assert_array_equal(want["label"], got["label"])
+    cfg.worker_processes = -1
+    with pytest.raises(ValueError, match="worker_processes=-1 must be >= 0"):
+        pipeline.train_iterator(cfg, **kwargs)
+
+
 def test_processes_split_the_global_batch(make_data_config):
     cfg = make_data_config()
     whole = _take(iter(_train(cfg)), 3)

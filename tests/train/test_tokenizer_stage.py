@@ -104,6 +104,19 @@ def test_stopped_then_extended_run_equals_straight_run(single, tmp_path):
     np.testing.assert_array_equal(_losses(tmp_path), _losses(workdir))
 
 
+def test_worker_processes_train_and_resume_as_the_threaded_reader(single, tmp_path):
+    """data.worker_processes=2 for the first leg (no iterator state saved: the position is
+    the step), threads for the second: parameters and losses equal the threaded straight
+    run's, bit for bit."""
+    workdir, config, straight = single
+    _run(tmp_path, total_steps=2, data=dict(config.data, worker_processes=2))
+    assert not (tmp_path / "checkpoints" / "2" / "data").exists()
+    _, resumed = _run(tmp_path, total_steps=STEPS)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(_losses(tmp_path), _losses(workdir))
+
+
 def _abstract_on(n_devices, mesh_shape):
     config = tiny_tokenizer_config()
     config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
