@@ -17,7 +17,9 @@ their clocks within milliseconds of each other (NTP), so 60 s is a wide margin. 
 starting within the same moment: each writes its lease, waits ``SETTLE_SECONDS`` and reads
 it back; the store keeps the last write, so only its writer goes on (a run whose own read
 and write lie further apart than that could still slip through; object generations would
-close this, which epath does not expose).
+close this, which epath does not expose). A run that finds its lease taken over (it was
+silent for longer than the lease, e.g. a paused VM) stops at its next step without writing
+anything more there: ``check_held`` in the training loop.
 """
 from __future__ import annotations
 
@@ -47,6 +49,21 @@ SETTLE_SECONDS = 2.0         # between writing a lease and reading it back
 
 class WorkdirInUseError(ValueError):
     """Another live process holds the workdir."""
+
+
+class LeaseLostError(WorkdirInUseError):
+    """This run's lease on a bucket workdir was taken over by another run."""
+
+
+# Workdirs whose lease this process held and lost, with what to tell the user. Set by the
+# renewing thread; read by the training loop at every step (check_held).
+_lost: dict[str, str] = {}
+
+
+def check_held(workdir: str) -> None:
+    """Raises LeaseLostError once this process's lease on ``workdir`` was taken over."""
+    if workdir in _lost:
+        raise LeaseLostError(_lost[workdir])
 
 
 class WorkdirLock:
@@ -129,9 +146,13 @@ class WorkdirLock:
         while not self._stop_renewing.wait(RENEW_SECONDS):
             now = self._read_lease()
             if now is not None and now.get("holder") != self._lease["holder"]:
-                logging.error("The lease on %s was taken over by %s (pid %s): this run was "
-                              "silent for over %d s. Stop one of the two runs.", self.workdir,
-                              now.get("host"), now.get("pid"), LEASE_SECONDS)
+                _lost[self.workdir] = (
+                    f"the lease on --workdir={self.workdir} was taken over by the run of pid "
+                    f"{now.get('pid')} on {now.get('host')} (started {now.get('started')}): "
+                    f"this run was silent for over {LEASE_SECONDS} s. It stops here without "
+                    f"writing more, and that run owns the workdir; to go on with this one, stop "
+                    f"that one and run this command again, or give another --workdir.")
+                logging.error("%s", _lost[self.workdir])
                 return
             try:
                 self._lease["heartbeat"] = time.time()

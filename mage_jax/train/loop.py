@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mage_jax import checkpointing, paths, sharding, validation
+from mage_jax import checkpointing, paths, sharding, validation, workdir_lock
 from mage_jax.data import datasets, pipeline
 from mage_jax.train import interrupt
 
@@ -177,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     skipped = 0  # unreadable files passed over by this host's input since the run started
     try:
         for step in range(start_step + 1, config.total_steps + 1):
+            workdir_lock.check_held(workdir)  # a bucket lease another run took over: stop
             host_batch = next(data_iter)
             # Unreadable files the folder source passed over (mage_jax/data/datasets.py):
             # counted on the host, never sent to the devices.
@@ -213,11 +214,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             writer.write_scalars(step, scores)
             writer.write_images(step, {k: np.asarray(v) for k, v in images.items()})
             last_metrics = dict(last_metrics or {}, **scores)
-    except BaseException:
+    except BaseException as e:
         # Pending asynchronous saves finish even when a step raised; but what stopped the run
         # is the error to report: a writer that cannot flush either (a full disk fails both)
-        # must not replace it.
-        for finish in (writer.flush, checkpointer.close):
+        # must not replace it. A lost lease: the workdir is another run's now; its metrics
+        # are not overwritten with this run's.
+        lost = isinstance(e, workdir_lock.LeaseLostError)
+        for finish in (checkpointer.close,) if lost else (writer.flush, checkpointer.close):
             try:
                 finish()
             except Exception as e:  # noqa: BLE001

@@ -54,3 +54,26 @@ def test_holder_renews_its_lease(workdir, monkeypatch):
         while _lease(workdir)["heartbeat"] == first:
             assert time.time() < deadline, "the lease was not renewed"
             time.sleep(0.1)
+
+
+def test_a_run_whose_lease_was_taken_over_stops_at_its_next_step(workdir, monkeypatch):
+    """Another run took the lease (this one was silent too long): the renewing thread
+    notices, and check_held, which the training loop calls at every step, stops this run
+    with one message naming the new holder; a workdir never lost raises nothing."""
+    monkeypatch.setattr(workdir_lock, "RENEW_SECONDS", 0.2)
+    monkeypatch.setattr(workdir_lock, "_lost", {})
+    with WorkdirLock(workdir):
+        workdir_lock.check_held(workdir)  # held: nothing to say
+        other = {"holder": "other-run", "pid": 4242, "host": "worker-7", "started": "now",
+                 "heartbeat": time.time()}
+        epath.Path(workdir, LOCK_NAME).write_text(json.dumps(other))
+        deadline = time.time() + 20
+        while workdir not in workdir_lock._lost:
+            assert time.time() < deadline, "the takeover was not noticed"
+            time.sleep(0.1)
+        with pytest.raises(workdir_lock.LeaseLostError,
+                           match=rf"lease on --workdir={workdir} was taken over by the run of "
+                                 r"pid 4242 on worker-7.*stops here without writing more"):
+            workdir_lock.check_held(workdir)
+    assert _lease(workdir)["holder"] == "other-run"  # released without removing theirs
+    workdir_lock.check_held(f"{workdir}-elsewhere")
