@@ -51,8 +51,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         commitment_weight=0.25,
         entropy_weight=0.1,
         perceptual_weight=0.1,
-        # LPIPS weights (.npz or .pth in the lpips package's key layout). Without a file the
-        # perceptual term is off: no weights can be downloaded at run time.
+        # The perceptual term: a frozen network on both images, the mean squared difference
+        # of its outputs (mage_jax/models/resnet50.py). "resnet50_features": an ImageNet
+        # ResNet-50's last feature map (7x7x2048 at 224 px). MaskGIT's trainer is not
+        # public; its vqgan_config.py sets pretrained_image_model=True and
+        # perceptual_loss_on_logit=False, and the code of MAGVIT (same authors, same config
+        # keys: google-research/magvit, videogvt/train_lib) reads False as this feature map.
+        # "resnet50_logits": its 1000 logits instead (MAGVIT's own configs; MaskBit's VQGAN+,
+        # markweberdev/maskbit modeling/modules/perceptual_loss.py). "lpips": LPIPS (VGG16),
+        # taming's VQGAN loss.
+        perceptual_kind="resnet50_features",
+        # Its weights: for resnet50_* torchvision's resnet50-0676ba61.pth (or an .npz with
+        # its keys; MaskGIT's own ResNet-50 was not released), for lpips the lpips package's
+        # files (vgg16.pth,lin.pth). Without a file the perceptual term is off (the log says
+        # so at start): no weights can be downloaded at run time.
         perceptual_weights=ml_collections.FieldReference(None, field_type=str),
         adversarial_weight=0.1,
         r1_weight=10.0,
@@ -102,9 +114,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 embed_dim=8, codebook_size=256)
         # The small variant (a GAN, if turned on, must fit in minutes).
         config.discriminator.update(kind="stylegan2_mbstd", ch=16, ch_mult=(2, 4, 4))
-        # No perceptual term either: it needs LPIPS weights files, which the demo cannot
-        # download, and PSNR is what the demo is judged by.
-        config.loss.update(entropy_weight=0.0, adversarial_weight=0.0, perceptual_weight=0.0)
+        # No perceptual term either: it needs a weights file, which the demo cannot
+        # download, and PSNR is what the demo is judged by. Turned on, it would be LPIPS:
+        # the ResNet-50 losses run a ~4-GFLOP network on every image resized from 32 to
+        # 224 px, many times the cost of the demo tokenizer itself.
+        config.loss.update(entropy_weight=0.0, adversarial_weight=0.0, perceptual_weight=0.0,
+                           perceptual_kind="lpips")
         # No EMA: the cosine schedule ends at lr 0, which settles the weights itself, and a
         # 0.999 average of 500 steps would still weigh the first, untrained ones.
         config.ema_decay = 0.0

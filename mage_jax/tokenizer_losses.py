@@ -2,7 +2,7 @@
 
 The generator (VQGAN) loss is, with MaskGIT's weights,
 
-    reconstruction (l2)  + 0.1 * perceptual (LPIPS)  + VQ codebook/commitment (beta 0.25)
+    reconstruction (l2)  + 0.1 * perceptual  + VQ codebook/commitment (beta 0.25)
     + 0.1 * entropy  + adversarial_weight(step) * 0.1 * generator_adversarial_loss
 
 and the discriminator loss is
@@ -12,7 +12,9 @@ and the discriminator loss is
 r1_weight = 10, with the penalty computed every ``r1_every`` steps (1 in the ``paper``
 config, as MaskGIT's; k > 1 is StyleGAN2's lazy R1, weighted x k).
 
-The perceptual term lives in :mod:`mage_jax.models.lpips`; the VQ and entropy terms belong
+The perceptual term (an ImageNet ResNet-50's features in MaskGIT's config, or LPIPS)
+lives in :mod:`mage_jax.models.resnet50` and :mod:`mage_jax.models.lpips`; the VQ and
+entropy terms belong
 to the quantiser. Everything here is a pure, jit-friendly function of arrays.
 
 R1 convention: :func:`r1_penalty` returns ``E_x ||grad_x D(x)||^2`` *without* StyleGAN2's

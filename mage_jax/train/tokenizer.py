@@ -2,6 +2,8 @@
 
 Generator loss = reconstruction + codebook + 0.25 commitment + 0.1 entropy
                  [+ 0.1 perceptual] [+ 0.1 adversarial after the warm-up];
+the perceptual term compares a frozen ImageNet ResNet-50's features (MaskGIT's config) or
+logits, or is LPIPS (``loss.perceptual_kind``, :mod:`mage_jax.models.resnet50`);
 discriminator loss = logistic loss on real/reconstructed images + R1 penalty on real ones,
 also only after the warm-up (``loss.adversarial_warmup_steps``; MaskGIT has none, and the
 ``paper`` config neither). Both use Adam (betas (0, 0.99)). With ``ema_decay`` > 0 the
@@ -21,13 +23,25 @@ import ml_collections
 import numpy as np
 import optax
 
-from mage_jax import optim, sharding, tokenizer_losses
+from mage_jax import optim, sharding, tokenizer_losses, validation
 from mage_jax.models import discriminator as disc_lib
-from mage_jax.models import lpips, vqgan
+from mage_jax.models import lpips, resnet50, vqgan
 from mage_jax.train import evaluation, loop, report
 
 
 DISCRIMINATOR_KINDS = ("maskgit", "stylegan2_mbstd")
+# config.loss.perceptual_kind -> (what it is, the weights file(s) to give, the loader, the loss).
+_RESNET50_WEIGHTS = (f"torchvision's ImageNet ResNet-50 ({resnet50.TORCHVISION_URL}): "
+                     "--config.loss.perceptual_weights=resnet50-0676ba61.pth")
+PERCEPTUAL_KINDS = {
+    "resnet50_features": ("ResNet-50 features", _RESNET50_WEIGHTS,
+                          resnet50.load_resnet50_params, resnet50.features_perceptual_loss),
+    "resnet50_logits": ("ResNet-50 logits", _RESNET50_WEIGHTS,
+                        resnet50.load_resnet50_params, resnet50.logits_perceptual_loss),
+    "lpips": (
+        "LPIPS", "the lpips package's weights: --config.loss.perceptual_weights=vgg16.pth,lin.pth",
+        lpips.load_lpips_params, lpips.perceptual_loss),
+}
 
 
 def build_discriminator(
@@ -47,6 +61,33 @@ def build_discriminator(
     raise ValueError(f"config.discriminator.kind={kind!r} is not one of {DISCRIMINATOR_KINDS}: "
                      f"'maskgit' (MaskGIT's discriminator) or 'stylegan2_mbstd' (the variant "
                      f"with minibatch-stddev).")
+
+
+def _perceptual_term(loss_cfg: ml_collections.ConfigDict):
+    """``config.loss`` -> (kind, loss function, frozen params or None when the term is off).
+
+    A config without ``perceptual_kind`` (written before there was a choice) means "lpips".
+    """
+    kind = loss_cfg.get("perceptual_kind", "lpips")
+    if kind not in PERCEPTUAL_KINDS:
+        raise validation.ConfigError(
+            f"config.loss.perceptual_kind={kind!r} is not one of {tuple(PERCEPTUAL_KINDS)}: "
+            f"'resnet50_features' (MaskGIT's config: the squared error of an ImageNet "
+            f"ResNet-50's last feature map), 'resnet50_logits' (of its logits: MAGVIT, "
+            f"MaskBit) or 'lpips' (LPIPS, VGG16).")
+    name, weights_hint, load, loss_fn = PERCEPTUAL_KINDS[kind]
+    params = None
+    if loss_cfg.perceptual_weights and loss_cfg.perceptual_weight > 0:
+        # Comma-separated files merge (e.g. torchvision's VGG16 plus lpips' lin weights).
+        params = load(*loss_cfg.perceptual_weights.split(","))
+    elif loss_cfg.perceptual_weight > 0:
+        # Nothing can be downloaded at run time, so without a file the term is off: say so.
+        logging.warning(
+            "config.loss.perceptual_weight=%s but no config.loss.perceptual_weights file: "
+            "the perceptual (%s) term is OFF in this run (config.loss.perceptual_kind=%r). "
+            "Give %s, or set --config.loss.perceptual_weight=0 to silence this.",
+            loss_cfg.perceptual_weight, name, kind, weights_hint)
+    return kind, loss_fn, params
 
 
 def build_models(config: ml_collections.ConfigDict):
@@ -104,18 +145,7 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
         """The weights users get: the EMA when the run keeps one."""
         return state["ema_params"] if ema_decay else state["params"]
 
-    perceptual_params = None
-    if loss_cfg.perceptual_weights and loss_cfg.perceptual_weight > 0:
-        # Comma-separated files merge (e.g. torchvision's VGG16 plus lpips' lin weights).
-        perceptual_params = lpips.load_lpips_params(*loss_cfg.perceptual_weights.split(","))
-    elif loss_cfg.perceptual_weight > 0:
-        # Nothing can be downloaded at run time, so without a file the term is off: say so.
-        logging.warning(
-            "config.loss.perceptual_weight=%s but no config.loss.perceptual_weights file: "
-            "the perceptual (LPIPS) term is OFF in this run. Give the lpips package's weights "
-            "(--config.loss.perceptual_weights=vgg16.pth,lin.pth) to train as MaskGIT does, "
-            "or set --config.loss.perceptual_weight=0 to silence this.",
-            loss_cfg.perceptual_weight)
+    _, perceptual_loss, perceptual_params = _perceptual_term(loss_cfg)
 
     def generator_loss(params, disc_params, images, adv_on, frozen):
         recon, aux = model.apply({"params": params}, images, train=True)
@@ -131,7 +161,7 @@ def build_stage(config: ml_collections.ConfigDict) -> loop.Stage:
                 + loss_cfg.commitment_weight * terms["commitment_loss"]
                 + loss_cfg.entropy_weight * terms["entropy_loss"])
         if frozen is not None:
-            terms["perceptual_loss"] = lpips.perceptual_loss(frozen, recon, images)
+            terms["perceptual_loss"] = perceptual_loss(frozen, recon, images)
             loss += loss_cfg.perceptual_weight * terms["perceptual_loss"]
         if use_gan:
             # lax.cond: before the warm-up ends the discriminator is not even run.
