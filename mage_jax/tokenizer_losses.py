@@ -14,8 +14,7 @@ config, as MaskGIT's; k > 1 is StyleGAN2's lazy R1, weighted x k).
 
 The perceptual term (an ImageNet ResNet-50's features in MaskGIT's config, or LPIPS)
 lives in :mod:`mage_jax.models.resnet50` and :mod:`mage_jax.models.lpips`; the VQ and
-entropy terms belong
-to the quantiser. Everything here is a pure, jit-friendly function of arrays.
+entropy terms belong to the quantiser. Everything here is a pure, jit-friendly function of arrays.
 
 R1 convention: :func:`r1_penalty` returns ``E_x ||grad_x D(x)||^2`` *without* StyleGAN2's
 factor 1/2, and the trainer multiplies it by ``r1_weight`` (10 in the config). In StyleGAN2's
