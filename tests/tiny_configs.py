@@ -84,3 +84,16 @@ def tiny_tokenizer_command(workdir, steps: int, **overrides) -> list[str]:
     return ([sys.executable, "-m", "mage_jax.main", "--config=configs/tokenizer.py:demo"]
             + [f"--config.{name}={value}" for name, value in settings.items()]
             + [f"--workdir={workdir}"])
+
+
+def assert_generator_loss_is_the_weighted_sum(record: dict, loss_cfg) -> None:
+    """Before the adversarial warm-up, a logged tokenizer loss is exactly the weighted sum
+    of its logged terms, the perceptual one included."""
+    import numpy as np
+    w = loss_cfg
+    expected = (w.reconstruction_weight * record["reconstruction_loss"]
+                + w.codebook_weight * record["codebook_loss"]
+                + w.commitment_weight * record["commitment_loss"]
+                + w.entropy_weight * record["entropy_loss"]
+                + w.perceptual_weight * record["perceptual_loss"])
+    np.testing.assert_allclose(record["loss"], expected, rtol=1e-5)

@@ -11,7 +11,7 @@ from mage_jax.models.resnet50 import (TORCHVISION_URL, ResNet50, features_percep
                                       load_resnet50_params, logits_perceptual_loss, preprocess,
                                       resnet50_outputs)
 from mage_jax.train import stages, tokenizer
-from tests.tiny_configs import tiny_tokenizer_config
+from tests.tiny_configs import assert_generator_loss_is_the_weighted_sum, tiny_tokenizer_config
 
 # torchvision's resnet50: bottleneck blocks per stage, their widths (outputs are 4x).
 BLOCKS = (3, 4, 6, 3)
@@ -207,14 +207,7 @@ def test_tokenizer_stage_adds_the_weighted_term(tmp_path, weights):
     stages.run(config, str(tmp_path / "run"), devices=jax.devices()[:1])
     record = metrics.read_metrics(str(tmp_path / "run"))[-1]
     assert record["perceptual_loss"] > 0
-    # Before the adversarial warm-up the loss is exactly the weighted sum of its terms.
-    w = config.loss
-    expected = (w.reconstruction_weight * record["reconstruction_loss"]
-                + w.codebook_weight * record["codebook_loss"]
-                + w.commitment_weight * record["commitment_loss"]
-                + w.entropy_weight * record["entropy_loss"]
-                + w.perceptual_weight * record["perceptual_loss"])
-    np.testing.assert_allclose(record["loss"], expected, rtol=1e-5)
+    assert_generator_loss_is_the_weighted_sum(record, config.loss)
 
 
 def test_tokenizer_step_uses_the_kinds_loss(weights):

@@ -9,7 +9,7 @@ import pytest
 
 from mage_jax import checkpointing, metrics, sharding
 from mage_jax.train import loop, stages, tokenizer
-from tests.tiny_configs import tiny_tokenizer_config
+from tests.tiny_configs import assert_generator_loss_is_the_weighted_sum, tiny_tokenizer_config
 
 STEPS = 4
 
@@ -157,14 +157,7 @@ def test_perceptual_loss_from_a_weights_file_joins_the_generator_loss(tmp_path):
                                perceptual_weight=0.1))  # the demo has it off
     record = metrics.read_metrics(str(tmp_path / "run"))[-1]
     assert record["perceptual_loss"] > 0
-    # Before the adversarial warm-up the loss is exactly the weighted sum of its terms.
-    w = config.loss
-    expected = (w.reconstruction_weight * record["reconstruction_loss"]
-                + w.codebook_weight * record["codebook_loss"]
-                + w.commitment_weight * record["commitment_loss"]
-                + w.entropy_weight * record["entropy_loss"]
-                + w.perceptual_weight * record["perceptual_loss"])
-    np.testing.assert_allclose(record["loss"], expected, rtol=1e-5)
+    assert_generator_loss_is_the_weighted_sum(record, config.loss)
 
 
 def _first_test_images(config, count):
