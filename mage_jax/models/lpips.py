@@ -14,13 +14,14 @@ and lpips' ``weights/v0.1/vgg.pth``) can be loaded together.
 """
 from __future__ import annotations
 
-import pathlib
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mage_jax import weights_file
 
 Dtype = Any
 
@@ -180,24 +181,6 @@ def random_lpips_params(seed: int = 0, channels: Sequence[int] = VGG16_CHANNELS)
 # Loading the PyTorch weights.
 # ------------------------------------------------------------------------------------------
 
-def _read_state(path: pathlib.Path) -> dict[str, np.ndarray]:
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            return {k: np.asarray(data[k]) for k in data.files}
-    if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
-        try:
-            import torch  # lazily: only needed for PyTorch files
-        except ImportError as e:
-            raise ImportError(
-                f"Reading {path} needs PyTorch (pip install 'mage_jax[torch]'), or convert it to "
-                f".npz with numpy.savez first.") from e
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
-    raise ValueError(f"Unsupported LPIPS weights file {path}: expected .npz or a PyTorch .pth.")
-
-
 def load_lpips_params(path, *more_paths) -> dict:
     """Plain LPIPS params from one or more weight files (merged in order).
 
@@ -208,7 +191,7 @@ def load_lpips_params(path, *more_paths) -> dict:
     """
     state: dict[str, np.ndarray] = {}
     for p in (path, *more_paths):
-        state.update(_read_state(pathlib.Path(p)))
+        state.update(weights_file.read(p, "LPIPS weights"))
     for key in list(state):
         if key.startswith("features."):
             _, idx, kind = key.split(".", 2)

@@ -32,7 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
+
+from mage_jax import weights_file
 
 Dtype = Any
 
@@ -199,18 +200,6 @@ def resnet50_state_shapes(num_classes: int = NUM_CLASSES) -> dict[str, tuple[int
     return shapes
 
 
-def _read_state(path: str) -> dict[str, np.ndarray]:
-    p = epath.Path(path)
-    if p.suffix == ".npz":
-        with p.open("rb") as f, np.load(f) as data:
-            return {k: np.asarray(data[k]) for k in data.files}
-    if p.suffix in (".pth", ".pt", ".ckpt", ".bin"):
-        from mage_jax.convert import torch_tokenizer  # torch only for PyTorch files
-        return torch_tokenizer.load_torch_state_dict(path)
-    raise ValueError(f"Unsupported ResNet-50 weights file {path}: expected .npz or a PyTorch "
-                     f".pth (torchvision's {TORCHVISION_URL}).")
-
-
 def _module_path(key: str) -> tuple[tuple[str, ...], str]:
     """torch key -> (flax module path, flax param name)."""
     parts = key.split(".")
@@ -235,7 +224,7 @@ def load_resnet50_params(path, *more_paths) -> dict:
     """
     state: dict[str, np.ndarray] = {}
     for p in (path, *more_paths):
-        state.update(_read_state(str(p)))
+        state.update(weights_file.read(p, f"ResNet-50 weights (torchvision's {TORCHVISION_URL})"))
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     where = ", ".join(str(p) for p in (path, *more_paths))
     expected = resnet50_state_shapes()

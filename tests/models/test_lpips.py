@@ -173,3 +173,9 @@ def test_inconsistent_widths_and_small_images_are_rejected(tmp_path, state_and_p
     params = load_lpips_params(state_and_path[1])
     with pytest.raises(ValueError, match=r"at least 16x16"):
         lpips_distance(params, _images(0, (1, 8, 8, 3)), _images(1, (1, 8, 8, 3)))
+
+
+def test_weights_file_of_another_kind_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"Unsupported LPIPS weights file .*w\.txt: expected "
+                                         r"\.npz or a PyTorch \.pth"):
+        load_lpips_params(str(tmp_path / "w.txt"))
