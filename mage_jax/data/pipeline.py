@@ -133,10 +133,13 @@ def _train_example(example, rng, *, aug: TrainAugment, two_views: bool) -> dict:
 
 # ----------------------------------------------------------------------------- training
 
+def _train_source(data_cfg):
+    return datasets.open_source(data_cfg, data_cfg.get("train_split", "train"))
+
+
 def _train_batches(source, data_cfg, *, seed: int, global_batch_size: int,
                    process_index: int, process_count: int, two_views: bool = False):
-    """(this host's batches as a MapDataset: batch s at index s, the same stream as an
-    IterDataset read by ``data.read_threads`` threads)."""
+    """This host's training batches as a MapDataset: batch s at index s."""
     _check_process(process_index, process_count)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r}: the data seed must be a non-negative integer.")
@@ -148,8 +151,7 @@ def _train_batches(source, data_cfg, *, seed: int, global_batch_size: int,
     ds = ds.shuffle().repeat()  # repeat() reseeds the shuffle each epoch: a new order.
     ds = ds.random_map(functools.partial(
         _train_example, aug=TrainAugment.from_config(data_cfg), two_views=two_views))
-    batches = ds.batch(batch, drop_remainder=True)[process_index::process_count]
-    return batches, batches.to_iter_dataset(_read_options(data_cfg))
+    return ds.batch(batch, drop_remainder=True)[process_index::process_count]
 
 
 def train_dataset_from_source(source, data_cfg, *, seed: int, global_batch_size: int,
@@ -158,7 +160,7 @@ def train_dataset_from_source(source, data_cfg, *, seed: int, global_batch_size:
     """``train_dataset`` over an already opened random-access source (tests use small ones)."""
     return _train_batches(source, data_cfg, seed=seed, global_batch_size=global_batch_size,
                           process_index=process_index, process_count=process_count,
-                          two_views=two_views)[1]
+                          two_views=two_views).to_iter_dataset(_read_options(data_cfg))
 
 
 def worker_processes(data_cfg) -> int:
@@ -179,9 +181,8 @@ def train_dataset(data_cfg, *, seed: int, global_batch_size: int, process_index:
     ``B = global_batch_size // process_count``; with ``two_views`` also ``'image2'``, and
     both views get MAGE-C's colour augmentation on top of crop + flip.
     """
-    source = datasets.open_source(data_cfg, data_cfg.get("train_split", "train"))
     return train_dataset_from_source(
-        source, data_cfg, seed=seed, global_batch_size=global_batch_size,
+        _train_source(data_cfg), data_cfg, seed=seed, global_batch_size=global_batch_size,
         process_index=process_index, process_count=process_count, two_views=two_views)
 
 
@@ -216,10 +217,9 @@ def train_iterator(data_cfg, *, seed: int, global_batch_size: int, process_index
     # `start_step` by slicing, and the workers take batches in turn (grain keeps their
     # order). The iterator's own state then counts from that slice: the run's position is
     # its step, so the loop checkpoints no data state in this mode.
-    source = datasets.open_source(data_cfg, data_cfg.get("train_split", "train"))
-    batches, _ = _train_batches(source, data_cfg, seed=seed, global_batch_size=global_batch_size,
-                                process_index=process_index, process_count=process_count,
-                                two_views=two_views)
+    batches = _train_batches(_train_source(data_cfg), data_cfg, seed=seed,
+                             global_batch_size=global_batch_size, process_index=process_index,
+                             process_count=process_count, two_views=two_views)
     ds = batches[start_step:].to_iter_dataset(_read_options(data_cfg))
     from absl import flags
     if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults outside

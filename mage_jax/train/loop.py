@@ -223,8 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
         for finish in (checkpointer.close,) if lost else (writer.flush, checkpointer.close):
             try:
                 finish()
-            except Exception as e:  # noqa: BLE001
-                logging.warning("while stopping: %s", " ".join(str(e).split())[:300])
+            except Exception as also:  # noqa: BLE001
+                logging.warning("while stopping: %s", " ".join(str(also).split())[:300])
         raise
     writer.flush()
     checkpointer.close()
