@@ -15,7 +15,8 @@ fi
 CONFIG=$1; WORKDIR=$2; shift 2
 if [[ -n "${SIMULATE_DEVICES:-}" ]]; then
   # Simulated devices share the CPU and can reach a collective far apart in time; XLA:CPU
-  # would abort the run after its default limit (tests/conftest.py says more).
+  # would abort the run after its default limit (tests/conftest.py says more). mage_jax.main
+  # also widens XLA:CPU's thread pool for them (NPROC; mage_jax/xla_defaults.py says why).
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$SIMULATE_DEVICES --xla_cpu_collective_call_terminate_timeout_seconds=300"
 fi
 PROCESSES=${PROCESSES:-1}

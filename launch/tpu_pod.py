@@ -250,6 +250,8 @@ def run_command(args) -> str:
          "computeMetadata/v1/instance/attributes/agent-worker-number || echo 0)"),
         "mkdir -p ~/mage_jax_logs",
         'log=~/mage_jax_logs/run-$(date +%Y%m%d-%H%M%S).log',
+        # Made here, not by the background job's redirection, which may come after tail.
+        ': > "$log"',
         f'~/mage_venv/bin/{main} > "$log" 2>&1 &',
         "pid=$!",
         "echo $pid > ~/mage_jax_run.pid",

@@ -3,6 +3,8 @@ import json
 import os
 import pathlib
 
+from mage_jax import xla_defaults  # imports no JAX
+
 # Every test process sees 8 simulated CPU devices (a small pod slice); single-device runs
 # build their mesh from jax.devices()[:1]. Must happen before JAX initialises its backend.
 # XLA's CPU backend optimisation level 0 compiles about 4x faster; the tests are dominated
@@ -22,6 +24,12 @@ if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
     _flags += (" --xla_cpu_collective_call_terminate_timeout_seconds=180"
                " --xla_cpu_collective_call_warn_stuck_timeout_seconds=60")
 os.environ["XLA_FLAGS"] = _flags.strip()
+# The thread pool the entry points give simulated devices (mage_jax/xla_defaults.py says
+# why: with the default, a sharded step's concurrent all-gathers hung for good), here too,
+# since the tests run stages in-process; subprocesses inherit it.
+_nproc = xla_defaults.thread_pool_size(_flags, os.environ.get("NPROC"), None)
+if _nproc is not None:
+    os.environ["NPROC"] = _nproc
 # The tests run on this CPU. With the `[tpu]` extra installed, JAX would otherwise look for
 # a TPU in every test process and subprocess first (libtpu's warnings, seconds each); the
 # planner's compile-only TPU devices do not need it (mage_jax/plan/topology.py).
