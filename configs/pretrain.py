@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         remat=False,            # rematerialise each block in the backward pass
         scan_layers=False,      # nn.scan over blocks: one compiled block, faster compiles
         # A hand-written LayerNorm backward (mage_jax/models/layer_norm.py): the same function
-        # and parameters; XLA:CPU's own backward is slow (ViT-B step 1.24x faster with this),
+        # and parameters; XLA:CPU's own backward is slow (ViT-B step 1.24x in a short run),
         # and the ViT-B and ViT-L v5p plans are not worse (benchmarks/README.md).
         explicit_layer_norm_grad=True,
         # jax.nn.dot_product_attention (cuDNN flash attention on NVIDIA GPUs). It has no
