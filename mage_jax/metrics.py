@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -29,16 +30,21 @@ class JsonlWriter(interface.MetricWriter):
 
     Lines are appended, so a resumed run continues the same file; a reader keeps the last
     line of each step if a crash made a step appear twice. An object in a bucket cannot be
-    appended to: there the file is rewritten whole at every logged step (a few hundred kB
-    for a long run's log, every ``log_every`` steps).
+    appended to: there the whole file is uploaded again, at most every ``upload_every_secs``
+    and at each ``flush`` (the loop flushes before every checkpoint, so a run killed between
+    uploads loses only lines that its resumed run logs again). Uploading at every logged
+    step would send a long run's whole log thousands of times.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, upload_every_secs: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
         self._path = epath.Path(path)
         _drop_partial_last_line(path)
         if paths.is_remote(path):
             self._file = None
             self._text = paths.read_text(path) if self._path.exists() else ""
+            self._upload_every_secs, self._clock = upload_every_secs, clock
+            self._uploaded_at, self._pending = clock(), False
         else:
             self._file = open(path, "a", encoding="utf-8")
 
@@ -50,10 +56,16 @@ class JsonlWriter(interface.MetricWriter):
         line = json.dumps(record) + "\n"
         if self._file is None:
             self._text += line
-            self._path.write_text(self._text, encoding="utf-8")
+            self._pending = True
+            if self._clock() - self._uploaded_at >= self._upload_every_secs:
+                self._upload()
         else:
             self._file.write(line)
             self._file.flush()
+
+    def _upload(self):
+        self._path.write_text(self._text, encoding="utf-8")
+        self._uploaded_at, self._pending = self._clock(), False
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -79,10 +91,14 @@ class JsonlWriter(interface.MetricWriter):
     def flush(self):
         if self._file is not None:
             self._file.flush()
+        elif self._pending:
+            self._upload()
 
     def close(self):
         if self._file is not None:
             self._file.close()
+        else:
+            self.flush()
 
 
 def _drop_partial_last_line(path: str) -> None:

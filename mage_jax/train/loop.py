@@ -199,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
             preempted = checkpointer.reached_preemption(step) or interrupt.requested()
             if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
                 _check_finite(step, step_metrics)
+                writer.flush()  # the metrics up to a checkpoint are kept with it (a bucket's)
                 checkpointer.save(step, state, saved_iter)
             if preempted:
                 checkpointer.wait()
