@@ -147,6 +147,22 @@ def test_overrides_take_effect_and_follow_references():
         config.batch_size = "many"
 
 
+@pytest.mark.parametrize("overrides", [{}, {"total_steps": 3000}, {"batch_size": 64}])
+def test_the_demo_cosine_ends_with_the_run_whatever_its_length(overrides):
+    config = load_config("pretrain", "demo")
+    for key, value in overrides.items():
+        setattr(config, key, value)  # what --config.total_steps=... does
+    schedule = optim.epoch_schedule(config)
+    end = config.total_steps
+    peak = float(schedule(60))  # past the warm-up
+    assert float(schedule(end // 2)) == pytest.approx(peak / 2, rel=0.05)
+    assert float(schedule(end - 20)) > 0 and float(schedule(end)) < 1e-4 * peak
+    # The class-conditional fine-tune keeps its own, shorter schedule.
+    cond = load_config("pretrain", "demo,class_conditional")
+    cond.total_steps = 300
+    assert float(optim.epoch_schedule(cond)(300)) < 1e-4 * float(optim.epoch_schedule(cond)(20))
+
+
 # ------------------------------------------------------------------- optimiser pieces
 
 def test_decay_mask_on_the_real_model():
