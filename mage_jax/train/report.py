@@ -60,6 +60,10 @@ def _evaluator_lines(records: list[dict]) -> list[str]:
         if not runs:
             continue
         (first_step, first), (last_step, last) = runs[0], runs[-1]
+        if len(runs) == 1:  # a run shorter than `every` scores once, at its last step
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in last.items())
+            lines.append(f"during     {name} at step {last_step}: {shown}")
+            continue
         # Measures that moved (a reference such as fd_real stays put), in logged order.
         shown = ", ".join(f"{k} {first[k]:.3g} -> {last[k]:.3g}" for k in last
                           if k in first and first[k] != last[k])
