@@ -48,6 +48,11 @@ def _pretrain_line(records: list[dict]) -> str | None:
     return line
 
 
+def _short(value) -> str:
+    """3 significant digits; metrics.jsonl keeps a non-finite value as its string ("nan")."""
+    return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _evaluator_lines(records: list[dict]) -> list[str]:
     """Each evaluator's measures (``<name>/<key>``) from its first to its last run."""
     names = sorted({k.split("/")[0] for r in records for k in r if "/" in k})
@@ -61,11 +66,11 @@ def _evaluator_lines(records: list[dict]) -> list[str]:
             continue
         (first_step, first), (last_step, last) = runs[0], runs[-1]
         if len(runs) == 1:  # a run shorter than `every` scores once, at its last step
-            shown = ", ".join(f"{k} {v:.3g}" for k, v in last.items())
+            shown = ", ".join(f"{k} {_short(v)}" for k, v in last.items())
             lines.append(f"during     {name} at step {last_step}: {shown}")
             continue
         # Measures that moved (a reference such as fd_real stays put), in logged order.
-        shown = ", ".join(f"{k} {first[k]:.3g} -> {last[k]:.3g}" for k in last
+        shown = ", ".join(f"{k} {_short(first[k])} -> {_short(last[k])}" for k in last
                           if k in first and first[k] != last[k])
         lines.append(f"during     {name} at step {first_step} -> {last_step}: {shown}")
     return lines

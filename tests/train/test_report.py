@@ -20,3 +20,11 @@ def test_an_evaluator_run_once_shows_its_values():
     lines = report._evaluator_lines(_records((300, {"fd_samples": 80.8, "fd_real": 13.4,
                                                     "seconds": 3.5})))
     assert lines == ["during     samples at step 300: fd_samples 80.8, fd_real 13.4"]
+
+
+def test_a_non_finite_measure_is_shown_not_a_crash():
+    # metrics.jsonl writes nan/inf as strings; the summary at the end of a long run must not
+    # fail on them.
+    lines = report._evaluator_lines(_records((1000, {"fd_samples": 86.4}),
+                                             (2000, {"fd_samples": "nan"})))
+    assert lines == ["during     samples at step 1000 -> 2000: fd_samples 86.4 -> nan"]
