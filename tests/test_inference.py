@@ -41,8 +41,16 @@ def test_reconstruct_is_encode_then_decode(pre, images):
     want_ids = tok.apply({"params": pre.tokenizer_params}, jnp.asarray(images) / 255.0,
                          method=tok.encode)
     np.testing.assert_array_equal(ids, want_ids)
-    want = pretrained.decode_tokens(pre, pre.tokenizer_params, want_ids)
-    np.testing.assert_array_equal(out, np.clip(np.asarray(want) * 255, 0, 255).astype(np.uint8))
+    want = np.clip(np.asarray(pretrained.decode_tokens(pre, pre.tokenizer_params, want_ids))
+                   * 255, 0, 255)
+    # uint8 as the official script writes it (truncated). The two decodes are compiled
+    # apart, so a value a hair from a level boundary may land on either side of it: exact
+    # everywhere else, and never more than that one level off.
+    fraction = want % 1.0
+    clear = (np.minimum(fraction, 1 - fraction) > 1e-3) | (want == 0) | (want == 255)
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(out[clear], want.astype(np.uint8)[clear])
+    assert np.abs(out.astype(np.int32) - want.astype(np.int32)).max() <= 1
 
 
 def test_samples_are_the_generate_stages(pre, pretrain_dir, tmp_path):
