@@ -169,18 +169,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.generate_stage.sampling.update(class_label=-2, num_classes=10,
                                                   guidance_scale=1.0)
             config.class_conditional.num_classes = 10
-            config.total_steps = 300
-            config.optimizer.update(blr=1.2e-2, warmup_epochs=0.005,
-                                    epochs=config.total_steps * config.batch_size
-                                    / FASHION_MNIST_TRAIN_EXAMPLES)
+            config.total_steps = 300  # the demo's cosine follows it to 300 steps
+            config.optimizer.update(blr=1.2e-2, warmup_epochs=0.005)
             config.checkpoint_every = 100
             config.image_summary_every = 100
         else:
             config.optimizer.update(warmup_epochs=5.0, epochs=100.0)
     if smoke:
-        config.total_steps = 20
-        config.optimizer.epochs = (config.total_steps * config.batch_size
-                                   / FASHION_MNIST_TRAIN_EXAMPLES)
+        config.total_steps = 20  # and with it the demo's cosine
         config.update(log_every=5, checkpoint_every=10, image_summary_every=10)
         config.eval.num_examples = 64
         config.generate_stage.update(num_samples=16, batch_size=16)
