@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mage_jax import sharding
+from mage_jax.models.dropout import Dropout
 from mage_jax.models.layer_norm import layer_norm
 from mage_jax.models.transformer import Transformer, dense
 
@@ -72,7 +73,7 @@ class TokenEmbedding(nn.Module):
             (self.num_positions, self.embed_dim), self.param_dtype)
         self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm",
                                self.explicit_layer_norm_grad)
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
 
     def __call__(self, ids: jax.Array, deterministic: bool) -> jax.Array:
         if ids.shape[1] != self.num_positions:
@@ -84,7 +85,7 @@ class TokenEmbedding(nn.Module):
         table = sharding.constrain(self.word_embeddings, ("vocab", None))
         x = jnp.take(table, ids, axis=0) + self.position_embeddings[None]
         x = self.norm(sharding.constrain(x.astype(self.dtype), _ACT))
-        return self.dropout(x, deterministic=deterministic)
+        return self.dropout(x, deterministic)
 
 
 class MlmHead(nn.Module):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mage_jax import sharding
+from mage_jax.models.dropout import Dropout
 from mage_jax.models.layer_norm import layer_norm
 
 Dtype = Any
@@ -108,7 +109,7 @@ class Attention(nn.Module):
                          "proj")(out)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
         weights = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1)
-        weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
+        weights = Dropout(self.attention_dropout_rate)(weights, deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
         out = sharding.constrain(out, ("batch", "length", "heads", "kv"))
         return dense(width, ("heads", "kv"), ("embed",), self.dtype, self.param_dtype, "proj")(out)
@@ -126,9 +127,9 @@ class Mlp(nn.Module):
         width = x.shape[-1]
         h = dense(self.hidden_dim, ("embed",), ("mlp",), self.dtype, self.param_dtype, "fc1")(x)
         h = sharding.constrain(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
-        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(self.dropout_rate)(h, deterministic)
         h = dense(width, ("mlp",), ("embed",), self.dtype, self.param_dtype, "fc2")(h)
-        return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        return Dropout(self.dropout_rate)(h, deterministic)
 
 
 def drop_path(x: jax.Array, rate: float, module: nn.Module, deterministic: bool) -> jax.Array:
@@ -162,7 +163,7 @@ class Block(nn.Module):
                        self.explicit_layer_norm_grad)(x)
         y = Attention(self.num_heads, self.attention_dropout_rate, self.dtype, self.param_dtype,
                       self.fused_attention, name="attn")(y, deterministic)
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)  # timm proj_drop
+        y = Dropout(self.dropout_rate)(y, deterministic)  # timm proj_drop
         x = x + drop_path(y, self.drop_path_rate, self, deterministic)
         y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2",
                        self.explicit_layer_norm_grad)(x)
