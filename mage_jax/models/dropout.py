@@ -39,19 +39,16 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.A
     """Boolean mask of ``shape``, True with probability ``keep_threshold(keep_prob) / 65536``
     independently per element, from any typed or raw PRNG key."""
     shape = tuple(int(d) for d in shape)
-    if not shape:
-        shape_2d = (1,)
-    else:
-        shape_2d = shape
-    rows = math.prod(shape_2d[:-1])
-    cols = -(-shape_2d[-1] // FIELDS_PER_HASH)
+    dims = shape or (1,)  # a scalar is one row of one column
+    rows = math.prod(dims[:-1])
+    cols = -(-dims[-1] // FIELDS_PER_HASH)
     if rows >= _UINT32_RANGE or cols >= _UINT32_RANGE:
         raise ValueError(f"dropout over shape {shape}: {rows} rows x {cols} hashed columns "
                          f"exceed the 32-bit counters; split the array.")
     # Two 32-bit key words whatever the key's PRNG implementation (threefry, rbg, ...).
     k1, k2 = jax.random.bits(key, (2,), jnp.uint32)
-    hashed = shape_2d[:-1] + (cols,)
-    row = jnp.zeros(hashed, jnp.uint32)
+    hashed = dims[:-1] + (cols,)
+    row = jnp.zeros(hashed, jnp.uint32)  # flat index over the leading axes
     stride = 1
     for axis in range(len(hashed) - 2, -1, -1):
         row = row + jax.lax.broadcasted_iota(jnp.uint32, hashed, axis) * jnp.uint32(stride)
@@ -60,7 +57,7 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.A
     hi, lo = threefry2x32_p.bind(k1, k2, row, col)
     mask16 = jnp.uint32(2 ** FIELD_BITS - 1)
     fields = jnp.stack([hi & mask16, hi >> FIELD_BITS, lo & mask16, lo >> FIELD_BITS], -1)
-    fields = fields.reshape(shape_2d[:-1] + (cols * FIELDS_PER_HASH,))[..., :shape_2d[-1]]
+    fields = fields.reshape(dims[:-1] + (cols * FIELDS_PER_HASH,))[..., :dims[-1]]
     return (fields < jnp.uint32(keep_threshold(keep_prob))).reshape(shape)
 
 
