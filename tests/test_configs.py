@@ -92,6 +92,13 @@ def test_contrastive_preset_only_adds_the_contrastive_loss():
     assert load_config("pretrain", "contrastive").model.embed_dim == 768
 
 
+def test_demo_contrastive_crops_its_views_and_plain_demo_does_not():
+    assert tuple(load_config("pretrain", "demo").data.crop_scale) == (1.0, 1.0)
+    magec = load_config("pretrain", "demo,contrastive")
+    assert magec.contrastive.enabled and tuple(magec.data.crop_scale) == (0.6, 1.0)
+    assert magec.total_steps == 2000 and magec.batch_size == 32
+
+
 def test_tokenizer_paper_values():
     config = load_config("tokenizer", "paper")
     assert config.to_dict() == load_config("tokenizer", "").to_dict()
