@@ -133,6 +133,10 @@ def test_summary_reports_tokenizer_mage_and_pictures(single, tokenizer_dir):
     for name in ("reconstructions.png", "predictions.png"):
         assert os.path.join(str(workdir), name) in text
     assert f"tensorboard --logdir {workdir}" in text
+    assert "(MAGE-C)" in text and text.index("(MAGE-C)") < text.index("(linear probe)")
+    config.contrastive.enabled = True  # a MAGE-C run: the same next steps but MAGE-C
+    magec = report.summary(config, str(workdir), tokenizer_dir, seconds=60.0)
+    assert "(MAGE-C)" not in magec and "(linear probe)" in magec and "(sample)" in magec
 
 
 def test_demo_command_logs_the_summary(tokenizer_dir, tmp_path):
