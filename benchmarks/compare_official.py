@@ -11,7 +11,8 @@ JAX with its default CPU setup and this project's XLA defaults, as ``mage_jax.ma
   at 3.0 and the AdamW update. Official: ``models_mage.mage_vit_base_patch16`` with
   ``config/vqgan.yaml``, the model's own forward, as ``main_pretrain.py`` builds and steps it
   (``benchmarks/official_worker.py``). Ours: ``benchmarks/train_throughput.py``'s jitted
-  step of ``configs/pretrain.py:<preset>`` at ``--batch_size``.
+  step of ``configs/pretrain.py:<preset>`` at ``--batch_size``, with the CPU's
+  ``model.packed_dropout=True`` (the presets leave it off for TPUs).
 * ``sample``: unconditional generation of a batch, ``--num_iter`` decoding steps at
   ``--choice_temperature``, and the VQGAN decode of the final tokens. Official:
   ``gen_img_uncond.gen_image``; ours: ``benchmarks/sample_throughput.py``'s jitted sampler.
@@ -198,6 +199,8 @@ def ours_worker(args) -> None:
         from mage_jax import config_files
         config = config_files.load(os.path.join(_REPO, "configs", f"pretrain.py:{args.preset}"))
         config.batch_size = args.batch_size
+        # Both sides on the CPU: our CPU setting for dropout (configs/pretrain.py).
+        config.model.packed_dropout = True
         r = train_throughput.run_benchmark(config, args.steps, args.warmup, "synthetic", -1)
         result = {"batch_size": r["batch_size"], "dtype": r["dtype"],
                   "step_seconds": [r["seconds"] / r["steps"]] * r["steps"],

@@ -67,6 +67,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # jax.nn.dot_product_attention (cuDNN flash attention on NVIDIA GPUs). It has no
         # attention dropout: training with it needs dropout_rate=0 (the paper uses 0.1).
         fused_attention=False,
+        # Dropout masks four per threefry hash (mage_jax/models/dropout.py): the ViT-B step
+        # 1.2x faster on XLA:CPU, where drawing random numbers is what dropout costs; off in
+        # every preset because on TPU flax's per-element masks fuse into their consumers
+        # (ViT-L bf16 v5p plan: 323 vs 374 GB of HBM traffic). --config.model.packed_dropout=True
+        # on CPUs (benchmarks/compare_official.py sets it for ours).
+        packed_dropout=False,
     ))
     # Masking ratios from a truncated normal. The official trainer draws one per GPU and
     # step for its 64 examples (numpy seeded with seed + rank): here one per group of

@@ -1,10 +1,10 @@
-"""Dropout whose masks cost a quarter of the random numbers.
+"""Dropout whose masks can cost a quarter of the random numbers (``packed``, for CPUs).
 
 ``flax.linen.Dropout`` draws one uniform float per element, and with the partitionable
 threefry (JAX's default) each element costs a full threefry2x32 hash of which only 32 of
 the 64 output bits survive. On a CPU that hash, not the matmuls, is what dropout costs: a
 ViT-B training step at batch 8 draws about 220 million decisions, which took 1.9 s of its
-10.5 s (benchmarks/README.md). Here one hash gives four decisions: its 64 bits are cut into
+10.5 s (benchmarks/README.md). Packed, one hash gives four decisions: its 64 bits are cut into
 four 16-bit fields, and an element is kept when its field is below
 ``round(keep_prob * 65536)``. The kept values are scaled by ``1 / (that threshold / 65536)``,
 the keep probability actually used, so the expected output is still exactly the input;
@@ -62,9 +62,14 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.A
 
 
 class Dropout(nn.Module):
-    """``nn.Dropout(rate)(x, deterministic)`` with ``keep_mask``'s cheaper masks; reads the
-    ``dropout`` RNG stream as flax's does."""
+    """``nn.Dropout(rate)(x, deterministic)``; reads the ``dropout`` RNG stream as flax's
+    does. ``packed``: ``keep_mask``'s masks (four decisions per hash); otherwise flax's own
+    (one uniform per element), which XLA fuses into the masks' consumers: on TPU that keeps
+    ViT-L's bfloat16 plan at 323 GB of HBM traffic per step where the packed masks, which
+    are materialised, take 374 GB (benchmarks/README.md). So packed is for XLA:CPU, where
+    drawing the random numbers is what costs."""
     rate: float
+    packed: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -72,6 +77,8 @@ class Dropout(nn.Module):
             raise ValueError(f"dropout rate {self.rate} must be in [0, 1).")
         if deterministic or self.rate == 0.0:
             return x
+        if not self.packed:
+            return nn.Dropout(self.rate)(x, deterministic=False)
         threshold = keep_threshold(1.0 - self.rate)
         keep = keep_mask(self.make_rng("dropout"), x.shape, 1.0 - self.rate)
         scale = jnp.asarray(2 ** FIELD_BITS / threshold, x.dtype)

@@ -63,6 +63,7 @@ class TokenEmbedding(nn.Module):
     explicit_layer_norm_grad: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    packed_dropout: bool = False  # mage_jax/models/dropout.py
 
     def setup(self):
         self.word_embeddings = self.param(
@@ -73,7 +74,7 @@ class TokenEmbedding(nn.Module):
             (self.num_positions, self.embed_dim), self.param_dtype)
         self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm",
                                self.explicit_layer_norm_grad)
-        self.dropout = Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate, self.packed_dropout)
 
     def __call__(self, ids: jax.Array, deterministic: bool) -> jax.Array:
         if ids.shape[1] != self.num_positions:
@@ -136,6 +137,8 @@ class MAGE(nn.Module):
     explicit_layer_norm_grad: bool = False
     # jax.nn.dot_product_attention (cuDNN on GPUs); needs dropout_rate 0 to train (transformer.py).
     fused_attention: bool = False
+    # Dropout masks four per threefry hash (mage_jax/models/dropout.py): faster on XLA:CPU.
+    packed_dropout: bool = False
 
     # ---- special ids of the legacy vocabulary ----
     @property
@@ -163,13 +166,14 @@ class MAGE(nn.Module):
                 layer_norm_eps=self.layer_norm_eps,
                 explicit_layer_norm_grad=self.explicit_layer_norm_grad, remat=self.remat,
                 scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
-                fused_attention=self.fused_attention, name=name)
+                fused_attention=self.fused_attention,
+                packed_dropout=self.packed_dropout, name=name)
 
         n = self.num_tokens + 1
         explicit = self.explicit_layer_norm_grad
         self.token_emb = TokenEmbedding(self.vocab_size, n, self.embed_dim, self.dropout_rate,
                                         self.layer_norm_eps, explicit, self.dtype,
-                                        self.param_dtype)
+                                        self.param_dtype, self.packed_dropout)
         self.encoder = stack(self.depth, self.num_heads, self.embed_dim, "encoder")
         self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm",
                                explicit)
@@ -350,4 +354,5 @@ def mage_from_config(config, codebook_size: int, num_tokens: int) -> MAGE:
         remat=bool(_get(m, "remat", False)), scan_layers=bool(_get(m, "scan_layers", False)),
         explicit_layer_norm_grad=bool(_get(m, "explicit_layer_norm_grad", False)),
         fused_attention=bool(_get(m, "fused_attention", False)),
+        packed_dropout=bool(_get(m, "packed_dropout", False)),
         dtype=dtype, param_dtype=jnp.dtype(_get(m, "param_dtype", "float32")))

@@ -83,6 +83,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     fused: bool = False
+    packed_dropout: bool = False  # mage_jax/models/dropout.py
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -109,7 +110,7 @@ class Attention(nn.Module):
                          "proj")(out)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
         weights = jax.nn.softmax(logits * head_dim ** -0.5, axis=-1)
-        weights = Dropout(self.attention_dropout_rate)(weights, deterministic)
+        weights = Dropout(self.attention_dropout_rate, self.packed_dropout)(weights, deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v.astype(self.dtype))
         out = sharding.constrain(out, ("batch", "length", "heads", "kv"))
         return dense(width, ("heads", "kv"), ("embed",), self.dtype, self.param_dtype, "proj")(out)
@@ -121,15 +122,16 @@ class Mlp(nn.Module):
     dropout_rate: float = 0.1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    packed_dropout: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         width = x.shape[-1]
         h = dense(self.hidden_dim, ("embed",), ("mlp",), self.dtype, self.param_dtype, "fc1")(x)
         h = sharding.constrain(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
-        h = Dropout(self.dropout_rate)(h, deterministic)
+        h = Dropout(self.dropout_rate, self.packed_dropout)(h, deterministic)
         h = dense(width, ("mlp",), ("embed",), self.dtype, self.param_dtype, "fc2")(h)
-        return Dropout(self.dropout_rate)(h, deterministic)
+        return Dropout(self.dropout_rate, self.packed_dropout)(h, deterministic)
 
 
 def drop_path(x: jax.Array, rate: float, module: nn.Module, deterministic: bool) -> jax.Array:
@@ -155,6 +157,7 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
     drop_path_rate: float = 0.0
     fused_attention: bool = False
+    packed_dropout: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -162,12 +165,13 @@ class Block(nn.Module):
         y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1",
                        self.explicit_layer_norm_grad)(x)
         y = Attention(self.num_heads, self.attention_dropout_rate, self.dtype, self.param_dtype,
-                      self.fused_attention, name="attn")(y, deterministic)
-        y = Dropout(self.dropout_rate)(y, deterministic)  # timm proj_drop
+                      self.fused_attention, self.packed_dropout, name="attn")(y, deterministic)
+        y = Dropout(self.dropout_rate, self.packed_dropout)(y, deterministic)  # timm proj_drop
         x = x + drop_path(y, self.drop_path_rate, self, deterministic)
         y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2",
                        self.explicit_layer_norm_grad)(x)
-        y = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name="mlp")(
+        y = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype,
+                self.packed_dropout, name="mlp")(
             y, deterministic)
         return sharding.constrain(x + drop_path(y, self.drop_path_rate, self, deterministic), _ACT)
 
@@ -202,6 +206,7 @@ class Transformer(nn.Module):
     # (timm's rule); fine-tuning only. Scanned blocks share one rate, so it needs plain ones.
     drop_path_rate: float = 0.0
     fused_attention: bool = False  # jax.nn.dot_product_attention (see Attention)
+    packed_dropout: bool = False  # dropout.py: four masks per hash (XLA:CPU)
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -227,7 +232,8 @@ class Transformer(nn.Module):
                       attention_dropout_rate=self.attention_dropout_rate,
                       layer_norm_eps=self.layer_norm_eps,
                       explicit_layer_norm_grad=self.explicit_layer_norm_grad, dtype=self.dtype,
-                      param_dtype=self.param_dtype, fused_attention=self.fused_attention)
+                      param_dtype=self.param_dtype, fused_attention=self.fused_attention,
+                      packed_dropout=self.packed_dropout)
         if self.scan_layers:
             scanned = nn.scan(
                 block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},

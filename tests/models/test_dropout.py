@@ -1,4 +1,5 @@
 """Dropout from four 16-bit fields per threefry hash (mage_jax/models/dropout.py)."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,7 +8,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mage_jax import sharding
+from mage_jax.models import mage
 from mage_jax.models.dropout import Dropout, keep_mask, keep_threshold
+from tests.tiny_configs import tiny_pretrain_config
 
 
 def _binomial_ok(kept: int, n: int, p: float, sigmas: float = 5.0) -> bool:
@@ -62,18 +65,50 @@ def test_mask_is_the_same_sharded_over_a_mesh():
     assert np.array_equal(np.asarray(sharded), np.asarray(keep_mask(jax.random.key(5), (8, 5, 64), 0.9)))
 
 
-def test_dropout_scales_kept_values_by_the_probability_used():
+def test_packed_dropout_scales_kept_values_by_the_probability_used():
     x = jnp.full((64, 257), 2.0)
-    y = np.asarray(Dropout(0.1).apply({}, x, False, rngs={"dropout": jax.random.key(0)}))
+    y = np.asarray(Dropout(0.1, packed=True).apply({}, x, False,
+                                                   rngs={"dropout": jax.random.key(0)}))
     kept = y != 0
     np.testing.assert_allclose(y[kept], 2.0 * 65536 / keep_threshold(0.9), rtol=1e-6)
     assert _binomial_ok(int(kept.sum()), kept.size, keep_threshold(0.9) / 65536)
 
 
+def test_unpacked_dropout_is_flax_dropout():
+    """The default (every preset, for TPUs): flax's masks, kept values divided by 0.9."""
+    x = jnp.full((64, 257), 2.0)
+    rngs = {"dropout": jax.random.key(0)}
+    y = np.asarray(Dropout(0.1).apply({}, x, False, rngs=rngs))
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], 2.0 / 0.9, rtol=1e-6)
+    assert _binomial_ok(int(kept.sum()), kept.size, 0.9)
+
+
+def test_mage_from_config_passes_packed_dropout_to_every_dropout():
+    config = tiny_pretrain_config(arg="demo")
+    assert mage.mage_from_config(config, 16, 16).packed_dropout is False
+    config.model.update(packed_dropout=True, dropout_rate=0.1)
+    model = mage.mage_from_config(config, 16, 16)
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    drop = jnp.zeros((1, 17), bool).at[0, 1:9].set(True)
+    params = model.init(jax.random.key(0), tokens, drop, drop, train=False)
+    packed = []  # every Dropout the training forward calls, and whether it packs
+
+    def record(call, args, kwargs, context):
+        if isinstance(context.module, Dropout):
+            packed.append(context.module.packed)
+        return call(*args, **kwargs)
+    with nn.intercept_methods(record):
+        model.apply(params, tokens, drop, drop, train=True, rngs={"dropout": jax.random.key(1)})
+    # token embedding + per block (attention, projection, 2 in the MLP), encoder and decoder
+    blocks = config.model.depth + config.model.decoder_depth
+    assert len(packed) == 1 + 4 * blocks and all(packed), packed
+
+
 def test_dropout_is_identity_when_deterministic_or_rate_zero_and_refuses_bad_rates():
     x = jnp.arange(12.0).reshape(3, 4)
-    assert Dropout(0.5).apply({}, x, True) is x
-    assert Dropout(0.0).apply({}, x, False) is x
+    assert Dropout(0.5, packed=True).apply({}, x, True) is x
+    assert Dropout(0.0, packed=True).apply({}, x, False) is x
     with pytest.raises(ValueError, match=r"rate 1.0 must be in \[0, 1\)"):
         Dropout(1.0).apply({}, x, False, rngs={"dropout": jax.random.key(0)})
 
