@@ -2,6 +2,7 @@
 
     python benchmarks/input_pipeline.py                  # 1, 2 read threads; 2 workers
     python benchmarks/input_pipeline.py --threads=1,2,4,8 --num_images=2048
+    python benchmarks/input_pipeline.py --long_side=2048 --num_images=256   # large photos
 
 Makes a TFDS dataset in array_record (``--num_images`` JPEGs of ImageNet's typical sizes,
 smooth random content at quality 90, about ImageNet's bytes per image) in a temporary
@@ -36,6 +37,9 @@ _WORKERS = flags.DEFINE_list("worker_processes", ["2"],
                              "data.worker_processes to try (grain worker processes, each "
                              "with the default read threads); '' for none.")
 _SIZE = flags.DEFINE_integer("image_size", 256, "Crop size (the paper: 256).")
+_LONG_SIDE = flags.DEFINE_integer(
+    "long_side", 0, "0: ImageNet's mix of image sizes (long side 333-640 px); N: every "
+    "image N px on its long side, 4:3 (large photos, where jpeg_draft pays).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", os.path.join(_REPO, "benchmarks", "results"),
                                   "Where the result JSON goes ('' writes none).")
 
@@ -54,8 +58,9 @@ def _jpeg(rng, height: int, width: int) -> bytes:
     return out.getvalue()
 
 
-def make_dataset(data_dir: str, count: int) -> dict:
-    """A TFDS dataset `mage_bench_jpegs` (array_record, split train) of ``count`` JPEGs."""
+def make_dataset(data_dir: str, count: int, long_side: int = 0) -> dict:
+    """A TFDS dataset `mage_bench_jpegs` (array_record, split train) of ``count`` JPEGs:
+    ImageNet's sizes, or all ``long_side`` px on the long side (4:3) when it is not 0."""
     import numpy as np
     import tensorflow_datasets as tfds
 
@@ -74,9 +79,12 @@ def make_dataset(data_dir: str, count: int) -> dict:
             rng = np.random.default_rng(0)
             for i in range(count):
                 # ImageNet's training images: mostly 500 px on the long side, 4:3 or 3:4.
-                long_side = int(rng.choice([500, 500, 500, 375, 640, 333]))
-                short_side = int(long_side * rng.choice([0.75, 0.75, 0.667, 1.0]))
-                h, w = (short_side, long_side) if rng.random() < 0.7 else (long_side, short_side)
+                if long_side:
+                    long_, short_ = long_side, long_side * 3 // 4
+                else:
+                    long_ = int(rng.choice([500, 500, 500, 375, 640, 333]))
+                    short_ = int(long_ * rng.choice([0.75, 0.75, 0.667, 1.0]))
+                h, w = (short_, long_) if rng.random() < 0.7 else (long_, short_)
                 yield i, {"image": io.BytesIO(_jpeg(rng, h, w)), "label": int(i % 1000)}
 
     builder = MageBenchJpegs(data_dir=data_dir, file_format="array_record")
@@ -84,7 +92,8 @@ def make_dataset(data_dir: str, count: int) -> dict:
     files = [os.path.join(root, f) for root, _, names in os.walk(builder.data_dir)
              for f in names if "array_record" in f]
     size = sum(os.path.getsize(f) for f in files)
-    return {"name": builder.name, "images": count, "bytes_per_image": size / count}
+    return {"name": builder.name, "images": count, "bytes_per_image": size / count,
+            "long_side": long_side or "imagenet mix"}
 
 
 def _rate(fn, batches: int, batch: int) -> float:
@@ -105,7 +114,7 @@ def main(argv):
     from mage_jax.data import pipeline
 
     scratch = tempfile.mkdtemp(prefix="mage_pipeline_")
-    dataset = make_dataset(scratch, _NUM_IMAGES.value)
+    dataset = make_dataset(scratch, _NUM_IMAGES.value, _LONG_SIDE.value)
     source = tfds.data_source(dataset["name"], split="train", data_dir=scratch, download=False)
     data_cfg = config_defaults.data_config("imagenet2012", image_size=_SIZE.value)
     batch = _BATCH.value
@@ -129,21 +138,20 @@ def main(argv):
     results["augment_per_s"] = _rate(
         lambda: [aug.view(image, rng, contrastive=False) for image in decoded],
         _BATCHES.value, batch)
-    for threads in (int(t) for t in _THREADS.value):
+    # Every setting runs the training stream as the loop opens it (train_iterator).
+    data_cfg.update(name=dataset["name"], data_dir=scratch)
+    settings = [(f"{t}_threads{'_jpeg_draft' if draft else ''}",
+                 dict(read_threads=int(t), jpeg_draft=draft))
+                for t in _THREADS.value for draft in (False, True)]
+    settings += [(f"{w}_worker_processes", dict(worker_processes=int(w)))
+                 for w in _WORKERS.value if w]
+    for name, overrides in settings:
         cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-        cfg.read_threads = threads
-        it = iter(pipeline.train_dataset_from_source(
-            source, cfg, seed=0, global_batch_size=batch, process_index=0, process_count=1))
-        results["settings"][f"{threads}_threads"] = _rate(lambda: next(it), _BATCHES.value,
-                                                          batch)
-    for workers in (int(w) for w in _WORKERS.value if w):
-        cfg = ml_collections.ConfigDict(data_cfg.to_dict())
-        cfg.update(name=dataset["name"], data_dir=scratch, worker_processes=workers)
+        cfg.update(overrides)
         it = pipeline.train_iterator(cfg, seed=0, global_batch_size=batch, process_index=0,
                                      process_count=1)
-        next(it)  # untimed: the workers start (each imports the pipeline)
-        results["settings"][f"{workers}_worker_processes"] = _rate(
-            lambda: next(it), _BATCHES.value, batch)
+        next(it)  # untimed: threads or worker processes start (each imports the pipeline)
+        results["settings"][name] = _rate(lambda: next(it), _BATCHES.value, batch)
     for key, value in [("read + decode", results["read_and_decode_per_s"]),
                        ("augment (crop, flip) of decoded", results["augment_per_s"])] + [
             (f"pipeline, {k.replace('_', ' ')}", v) for k, v in results["settings"].items()]:

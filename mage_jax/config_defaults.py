@@ -54,9 +54,15 @@ def data_config(name: str = "imagenet2012", image_size: int = 256) -> ml_collect
         grayscale_prob=0.2,
         read_threads=2,
         prefetch=2,
+        device_prefetch=2,            # batches on the devices ahead of their step (0: none)
         # Grain worker processes for decoding and augmentation (0: threads of the training
         # process only); for pod hosts with many cores per chip (benchmarks/README.md).
         worker_processes=0,
+        # Training crops decode JPEGs at 1/2, 1/4 or 1/8 size where the crop is at least that
+        # many times image_size on both sides (PIL's draft mode: libjpeg's DCT scaling), so
+        # large photos cost a fraction of a full decode. Off: the official code decodes in
+        # full, and the reduced decode filters differently (benchmarks/README.md). TFDS only.
+        jpeg_draft=False,
     ))
 
 

@@ -68,6 +68,11 @@ def validate_training_config(config: ml_collections.ConfigDict, workdir: str) ->
                           f"whole evaluation split), 0 (no evaluation) or a positive count.")
     validate_workdir(workdir)
     datasets.check_dataset(config.data, config.data.train_split)
+    if config.data.get("jpeg_draft", False):
+        try:
+            datasets.check_encoded_source(config.data)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if int(config.eval.num_examples) != 0:
         datasets.check_dataset(config.data, config.data.eval_split)
 

@@ -195,6 +195,19 @@ def test_missing_dataset_says_how_to_install_it(tmp_path, stage):
     assert not list((tmp_path / "no_tfds").iterdir())  # nothing half-prepared there
 
 
+def test_jpeg_draft_with_a_folder_dataset(tmp_path):
+    from PIL import Image
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "cat" / "0.png")
+    config = _stage_config("pretrain")
+    config.data.update(name="folder", manual_dir=str(tmp_path / "images"), jpeg_draft=True)
+    config.eval.num_examples = 0
+    workdir = tmp_path / "run"
+    programs = _fails(config, workdir, _one_device(), ConfigError,
+                      r"jpeg_draft=True needs a TFDS dataset.*--config.data.jpeg_draft=False")
+    _assert_nothing_ran(programs, workdir)
+
+
 @pytest.mark.parametrize("stage", ["tokenizer", "pretrain"])
 def test_unwritable_workdir(tmp_path, stage):
     # Tests run as root, for whom chmod does not make a directory read-only: a path below a

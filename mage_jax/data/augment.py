@@ -19,6 +19,7 @@ Resizing uses PIL exactly as torchvision does on PIL images (PIL antialiases whe
 """
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -103,6 +104,57 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
     top, left, h, w = crop_params(pil.height, pil.width, rng, scale, ratio)
     crop = pil.crop((left, top, left + w, top + h)).resize((size, size), _resample(interpolation))
     return to_float_rgb(crop)
+
+
+# ----------------------------------------------------------------------------- encoded images
+
+def l_or_rgb(image: Image.Image) -> Image.Image:
+    """Grey images stay 1-channel ('L'); palette, RGBA, CMYK and the rest become RGB."""
+    return image.convert("L") if image.mode in ("L", "1", "I;16", "I") else image.convert("RGB")
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 (H, W, 1) or (H, W, 3), as the decoded sources yield."""
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.asarray(l_or_rgb(image), dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def draft_scale(crop_height: int, crop_width: int, size: int) -> int:
+    """The largest of 1, 2, 4, 8 by which a crop can shrink and still span ``size`` pixels on
+    both sides: libjpeg can decode at 1/2, 1/4 or 1/8 scale (DCT scaling, PIL's draft mode),
+    and a crop that large is shrunk to ``size`` anyway, so decoding it at that scale costs up
+    to 64 times fewer pixels without enlarging anything."""
+    fits = min(crop_height, crop_width) // size
+    return max(s for s in (1, 2, 4, 8) if s <= max(fits, 1))
+
+
+def random_resized_crop_encoded(data: bytes, rng: np.random.Generator, size: int,
+                                scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                                interpolation: str = "bilinear") -> np.ndarray:
+    """``random_resized_crop`` of an encoded image, decoding a JPEG at reduced size where the
+    crop allows it (``draft_scale``).
+
+    The crop is drawn from the header's size before any pixel is decoded, with the same
+    draws as ``random_resized_crop``: where no reduction applies (a crop under twice
+    ``size`` on a side, or not a JPEG) the output is that function's, pixel for pixel; where
+    one does, the crop box is mapped into the reduced image exactly (PIL resamples a
+    fractional box) and the pixels differ from a full decode's by libjpeg's scaling filter.
+    """
+    resample = _resample(interpolation)
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        top, left, h, w = crop_params(height, width, rng, scale, ratio)
+        factor = draft_scale(h, w, size)
+        reduced = image.draft(None, (width // factor, height // factor)) if factor > 1 else None
+        pixels = l_or_rgb(image)  # decodes, at the reduced size where draft applied
+    shrink = width / reduced[1][2] if reduced else 1.0
+    if shrink == 1.0:
+        view = pixels.crop((left, top, left + w, top + h)).resize((size, size), resample)
+    else:
+        box = (left / shrink, top / shrink, (left + w) / shrink, (top + h) / shrink)
+        view = pixels.resize((size, size), resample, box=box)
+    return to_float_rgb(view)
 
 
 def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:

@@ -18,6 +18,7 @@ import shlex
 import numpy as np
 from etils import epath
 
+from mage_jax.data import augment
 from mage_jax.data import fashion_mnist
 
 FOLDER = "folder"
@@ -54,8 +55,7 @@ def decode_image(path: str) -> np.ndarray:
     from PIL import Image  # Imported lazily: only folder datasets need it here.
     with epath.Path(path).open("rb") as f, Image.open(f) as img:
         img.load()  # decode now: a truncated file fails here, not later
-        img = img.convert("L") if img.mode in ("L", "1", "I;16", "I") else img.convert("RGB")
-        image = np.asarray(img, dtype=np.uint8)
+        image = np.asarray(augment.l_or_rgb(img), dtype=np.uint8)
     return image[..., None] if image.ndim == 2 else image
 
 
@@ -226,13 +226,27 @@ def check_dataset(data_cfg, split: str) -> None:
         + _how_to_get(name, data_dir, data_cfg))
 
 
-def open_source(data_cfg, split: str):
+def check_encoded_source(data_cfg) -> None:
+    """``data.jpeg_draft`` reads the stored bytes of a TFDS dataset; a folder source decodes
+    each file as it reads it (to pass over the unreadable ones), so it cannot hand them on."""
+    if data_cfg.name == FOLDER:
+        raise ValueError(
+            "config.data.jpeg_draft=True needs a TFDS dataset (array_record); a folder dataset "
+            "decodes every file as it reads it. Set --config.data.jpeg_draft=False, or build "
+            "the dataset with TFDS (tfds build --manual_dir=... --file_format=array_record).")
+
+
+def open_source(data_cfg, split: str, encoded: bool = False):
     """A random-access source of ``{'image': uint8 HWC, 'label': int}`` for ``split``.
 
     TFDS datasets are read with ``tfds.data_source`` (array_record); fashion_mnist is
     prepared first if needed. ``name='folder'`` reads images under ``manual_dir``.
+    ``encoded``: a TFDS source whose ``'image'`` is the stored bytes (JPEG, PNG), for an
+    augmentation that decodes them itself (``augment.random_resized_crop_encoded``).
     """
     check_dataset(data_cfg, split)
+    if encoded:
+        check_encoded_source(data_cfg)
     if data_cfg.name == FOLDER:
         return FolderSource(folder_root(data_cfg.get("manual_dir"), split))
     import tensorflow_datasets as tfds
@@ -240,7 +254,9 @@ def open_source(data_cfg, split: str):
     if data_cfg.name == fashion_mnist.NAME:
         fashion_mnist.prepare_fashion_mnist(
             data_dir, data_cfg.get("fashion_mnist_dir") or fashion_mnist.DEFAULT_DIR)
-    return tfds.data_source(data_cfg.name, split=split, data_dir=data_dir, download=False)
+    decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
+    return tfds.data_source(data_cfg.name, split=split, data_dir=data_dir, download=False,
+                            decoders=decoders)
 
 
 def num_classes(data_cfg, split: str) -> int:

@@ -104,8 +104,11 @@ class TrainAugment:
             random_erasing=float(data_cfg.get("random_erasing", defaults.random_erasing)))
 
     def view(self, image, rng: np.random.Generator, contrastive: bool) -> np.ndarray:
-        view = augment.random_resized_crop(image, rng, self.size, scale=self.crop_scale,
-                                           ratio=self.crop_ratio, interpolation=self.interpolation)
+        """One training view of a uint8 HWC image, or of its encoded bytes (jpeg_draft)."""
+        crop = (augment.random_resized_crop_encoded if isinstance(image, bytes)
+                else augment.random_resized_crop)
+        view = crop(image, rng, self.size, scale=self.crop_scale, ratio=self.crop_ratio,
+                    interpolation=self.interpolation)
         if self.hflip:
             view = augment.horizontal_flip(view, rng)
         if contrastive:
@@ -123,6 +126,8 @@ class TrainAugment:
 
 def _train_example(example, rng, *, aug: TrainAugment, two_views: bool) -> dict:
     image = example["image"]
+    if two_views and isinstance(image, bytes):  # two crops of one image: decode it once
+        image = augment.decode(image)
     out = {"image": aug.view(image, rng, contrastive=two_views), "label": _label(example)}
     if datasets.SKIPPED_KEY in example:  # folder datasets: unreadable files passed over
         out[datasets.SKIPPED_KEY] = np.int32(example[datasets.SKIPPED_KEY])
@@ -134,7 +139,10 @@ def _train_example(example, rng, *, aug: TrainAugment, two_views: bool) -> dict:
 # ----------------------------------------------------------------------------- training
 
 def _train_source(data_cfg):
-    return datasets.open_source(data_cfg, data_cfg.get("train_split", "train"))
+    # jpeg_draft: the source hands over the stored bytes and each crop decodes only what it
+    # needs (augment.random_resized_crop_encoded).
+    return datasets.open_source(data_cfg, data_cfg.get("train_split", "train"),
+                                encoded=bool(data_cfg.get("jpeg_draft", False)))
 
 
 def _train_batches(source, data_cfg, *, seed: int, global_batch_size: int,

@@ -24,7 +24,7 @@ from absl import logging
 
 from mage_jax import checkpointing, paths, sharding, validation, workdir_lock
 from mage_jax.data import datasets, pipeline
-from mage_jax.train import interrupt
+from mage_jax.train import device_prefetch, interrupt
 
 State = dict  # {"step": int32 scalar, "params": ..., "opt_state": ..., stage extras}
 
@@ -141,6 +141,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
         config.data, seed=config.seed, global_batch_size=config.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
         two_views=stage.two_views, start_step=start_step)
+    # Batches go to the devices `data.device_prefetch` steps ahead of their step.
+    data_iter = device_prefetch.to_devices(data_iter, mesh, config.data.get("device_prefetch", 2))
     # The iterator is positioned by step either way; its state is checkpointed beside the
     # model's (and checked on restore) where it is the plain {'next_index': step}.
     saved_iter = None if pipeline.worker_processes(config.data) else data_iter
@@ -178,11 +180,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: S
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             workdir_lock.check_held(workdir)  # a bucket lease another run took over: stop
-            host_batch = next(data_iter)
+            batch = next(data_iter)
             # Unreadable files the folder source passed over (mage_jax/data/datasets.py):
             # counted on the host, never sent to the devices.
-            skipped += int(np.sum(host_batch.pop(datasets.SKIPPED_KEY, 0)))
-            batch = sharding.host_batch_to_global(host_batch, mesh)
+            skipped += batch.pop(datasets.SKIPPED_KEY)
             state, step_metrics = train_step(state, batch, frozen)
             progress(step)
             # The first step is logged too: the loss a run starts from.

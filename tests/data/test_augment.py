@@ -126,3 +126,69 @@ def test_grayscale_and_contrastive_color():
     same = augment.contrastive_color(image, np.random.default_rng(0), jitter_prob=0.0,
                                      grayscale_prob=0.0)
     np.testing.assert_array_equal(same, image)
+
+
+# ----------------------------------------------------------------- encoded (jpeg_draft)
+
+def _smooth_jpeg(height, width, seed=0):
+    """A smooth photo-like JPEG (a small random field enlarged), and its full decode."""
+    import io
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (height // 64 + 2, width // 64 + 2, 3),
+                                         dtype=np.uint8))
+    buf = io.BytesIO()
+    small.resize((width, height), Image.BICUBIC).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_draft_scale():
+    assert augment.draft_scale(300, 400, 256) == 1     # under twice the size: full decode
+    assert augment.draft_scale(600, 520, 256) == 2
+    assert augment.draft_scale(1100, 1030, 256) == 4   # 1030 // 256 = 4
+    assert augment.draft_scale(5000, 4000, 256) == 8   # libjpeg's smallest scale
+    assert augment.draft_scale(100, 3000, 256) == 1    # the short side decides
+
+
+def test_encoded_crop_without_reduction_is_the_decoded_crop():
+    """Where the crop is under twice the output size the encoded path decodes in full and
+    gives random_resized_crop's pixels and draws: same output, same generator state after."""
+    data = _smooth_jpeg(375, 500)
+    decoded = augment.decode(data)
+    for seed in range(5):
+        rng_a, rng_b = np.random.default_rng(seed), np.random.default_rng(seed)
+        want = augment.random_resized_crop(decoded, rng_a, 256, scale=(0.2, 1.0))
+        got = augment.random_resized_crop_encoded(data, rng_b, 256, scale=(0.2, 1.0))
+        np.testing.assert_array_equal(got, want)
+        assert rng_a.uniform() == rng_b.uniform()
+
+
+@pytest.mark.parametrize("crop_scale, factor", [((0.9, 1.0), 4), ((0.25, 0.3), 2)])
+def test_encoded_crop_decodes_large_jpegs_at_reduced_size(crop_scale, factor):
+    """A 1600 x 1200 JPEG: the crop is drawn from the header, the JPEG decoded at 1/factor
+    and the same region resampled. Against a full decode of the same crop: a few grey levels
+    apart, where a box off by a few reduced pixels (or the wrong scale) is not."""
+    data = _smooth_jpeg(1200, 1600, seed=factor)
+    decoded = augment.decode(data)
+    top, left, h, w = augment.crop_params(1200, 1600, np.random.default_rng(3), crop_scale)
+    assert augment.draft_scale(h, w, 256) == factor
+    want = augment.random_resized_crop(decoded, np.random.default_rng(3), 256, scale=crop_scale)
+    got = augment.random_resized_crop_encoded(data, np.random.default_rng(3), 256,
+                                              scale=crop_scale)
+    assert got.shape == want.shape == (256, 256, 3) and got.dtype == np.float32
+    error = np.abs(got - want)
+    assert error.mean() < 1.5 / 255 and np.percentile(error, 99) < 8 / 255
+    shifted = augment.random_resized_crop(np.roll(decoded, 3 * factor, axis=1),
+                                          np.random.default_rng(3), 256, scale=crop_scale)
+    assert np.abs(shifted - want).mean() > 2 * error.mean()
+
+
+def test_decode_grey_and_png():
+    """decode keeps grey images 1-channel as the sources do; a PNG crop is never reduced."""
+    import io
+    grey = _pattern(40, 30, 1)[..., 0]
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    np.testing.assert_array_equal(augment.decode(buf.getvalue()), grey[..., None])
+    got = augment.random_resized_crop_encoded(buf.getvalue(), np.random.default_rng(0), 16)
+    want = augment.random_resized_crop(grey[..., None], np.random.default_rng(0), 16)
+    np.testing.assert_array_equal(got, want)

@@ -63,6 +63,35 @@ def test_worker_processes_give_the_same_batches_from_any_step(prepared_data_dir,
         pipeline.train_iterator(cfg, **kwargs)
 
 
+def test_jpeg_draft_source_hands_over_bytes_and_gives_the_same_batches(prepared_data_dir,
+                                                                        make_data_config):
+    """data.jpeg_draft: the TFDS source yields the stored bytes (Fashion-MNIST's PNGs) and
+    the crops decode them; no crop of a 28 px image can be reduced, so the batches are the
+    decoded source's pixel for pixel, one view or MAGE-C's two."""
+    cfg = make_data_config(data_dir=prepared_data_dir, crop_scale=(0.5, 1.0))
+    kwargs = dict(seed=5, global_batch_size=8, process_index=0, process_count=1)
+    encoded_cfg = make_data_config(data_dir=prepared_data_dir, crop_scale=(0.5, 1.0),
+                                   jpeg_draft=True)
+    assert isinstance(pipeline._train_source(encoded_cfg)[0]["image"], bytes)
+    for two_views in (False, True):
+        want = _take(pipeline.train_iterator(cfg, two_views=two_views, **kwargs), 2)
+        got = _take(pipeline.train_iterator(encoded_cfg, two_views=two_views, **kwargs), 2)
+        for a, b in zip(want, got):
+            assert set(a) == set(b)
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_jpeg_draft_needs_a_tfds_source(tmp_path, make_data_config):
+    from PIL import Image
+    from mage_jax.data import datasets
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "cat" / "0.png")
+    cfg = make_data_config(name="folder", manual_dir=str(tmp_path), jpeg_draft=True)
+    with pytest.raises(ValueError, match="jpeg_draft=True needs a TFDS dataset"):
+        datasets.open_source(cfg, "train", encoded=True)
+
+
 def test_processes_split_the_global_batch(make_data_config):
     cfg = make_data_config()
     whole = _take(iter(_train(cfg)), 3)
