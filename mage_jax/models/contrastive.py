@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mage_jax.models.gelu import gelu
+
 
 class ProjectionMLP(nn.Module):
     """``num_layers`` Dense layers; BatchNorm-free (LayerNorm + GELU between them)."""
@@ -26,7 +28,7 @@ class ProjectionMLP(nn.Module):
                          kernel_init=nn.with_logical_partitioning(
                              nn.initializers.xavier_uniform(), ("embed", "mlp")))(x)
             x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"norm{i}")(x)
-            x = nn.gelu(x, approximate=False)
+            x = gelu(x)
         return nn.Dense(self.out_dim, dtype=self.dtype, name=f"fc{self.num_layers - 1}",
                         kernel_init=nn.with_logical_partitioning(
                             nn.initializers.xavier_uniform(), ("mlp", "embed")))(x)

@@ -32,6 +32,7 @@ import numpy as np
 
 from mage_jax import sharding
 from mage_jax.models.dropout import Dropout
+from mage_jax.models.gelu import gelu
 from mage_jax.models.layer_norm import layer_norm
 from mage_jax.models.transformer import Transformer, dense
 
@@ -102,7 +103,7 @@ class MlmHead(nn.Module):
     def __call__(self, x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
         h = dense(self.embed_dim, ("embed",), ("mlp",), self.dtype, self.param_dtype, "fc")(x)
         h = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm",
-                       self.explicit_layer_norm_grad)(nn.gelu(h, approximate=False))
+                       self.explicit_layer_norm_grad)(gelu(h))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                           (self.vocab_size,), self.param_dtype)
         # The official head reads `word_embeddings.weight.data.detach()`: the table gets

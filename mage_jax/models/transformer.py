@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from mage_jax import sharding
 from mage_jax.models.dropout import Dropout
+from mage_jax.models.gelu import gelu
 from mage_jax.models.layer_norm import layer_norm
 
 Dtype = Any
@@ -128,7 +129,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         width = x.shape[-1]
         h = dense(self.hidden_dim, ("embed",), ("mlp",), self.dtype, self.param_dtype, "fc1")(x)
-        h = sharding.constrain(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
+        h = sharding.constrain(gelu(h), ("batch", "length", "mlp"))
         h = Dropout(self.dropout_rate, self.packed_dropout)(h, deterministic)
         h = dense(width, ("mlp",), ("embed",), self.dtype, self.param_dtype, "fc2")(h)
         return Dropout(self.dropout_rate, self.packed_dropout)(h, deterministic)
