@@ -97,7 +97,7 @@ def make_dataset(data_dir: str, count: int, long_side: int = 0) -> dict:
 
 
 def _rate(fn, batches: int, batch: int) -> float:
-    fn()  # untimed: threads start, caches fill
+    fn()  # untimed: threads or worker processes start (each imports the pipeline), caches fill
     started = time.perf_counter()
     for _ in range(batches):
         fn()
@@ -150,7 +150,6 @@ def main(argv):
         cfg.update(overrides)
         it = pipeline.train_iterator(cfg, seed=0, global_batch_size=batch, process_index=0,
                                      process_count=1)
-        next(it)  # untimed: threads or worker processes start (each imports the pipeline)
         results["settings"][name] = _rate(lambda: next(it), _BATCHES.value, batch)
     for key, value in [("read + decode", results["read_and_decode_per_s"]),
                        ("augment (crop, flip) of decoded", results["augment_per_s"])] + [

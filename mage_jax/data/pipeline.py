@@ -194,14 +194,20 @@ def train_dataset(data_cfg, *, seed: int, global_batch_size: int, process_index:
         process_index=process_index, process_count=process_count, two_views=two_views)
 
 
+def next_index(state: dict) -> int:
+    """The step an iterator state ``{'next_index': step}`` stands for; anything else (a grain
+    whose state format differs) raises rather than being guessed at."""
+    if set(state) != {"next_index"}:
+        raise NotImplementedError(f"unexpected grain iterator state {state}; position the "
+                                  "iterator with set_state of a saved state instead.")
+    return int(state["next_index"])
+
+
 def position_iterator(dataset: grain.IterDataset, start_step: int):
     """An iterator over ``dataset`` whose next batch is batch ``start_step``, in O(1)."""
     it = iter(dataset)
     if start_step:
-        state = it.get_state()
-        if set(state) != {"next_index"}:  # Guard against a grain whose state format differs.
-            raise NotImplementedError(f"unexpected grain iterator state {state}; position the "
-                                      "iterator with set_state of a saved state instead.")
+        next_index(it.get_state())  # the format is the one set below
         it.set_state({"next_index": int(start_step)})
     return it
 

@@ -18,7 +18,7 @@ import grain
 import numpy as np
 
 from mage_jax import sharding
-from mage_jax.data import datasets
+from mage_jax.data import datasets, pipeline
 
 
 def to_devices(parent: grain.DatasetIterator, mesh, size: int = 2) -> "DevicePrefetch":
@@ -56,10 +56,7 @@ class DevicePrefetch(grain.DatasetIterator):
         return self._queue.popleft()
 
     def get_state(self) -> dict:
-        state = dict(self._parent.get_state())
-        if set(state) != {"next_index"}:  # what pipeline.position_iterator also relies on
-            raise NotImplementedError(f"unexpected grain iterator state {state}.")
-        return {"next_index": int(state["next_index"]) - len(self._queue)}
+        return {"next_index": pipeline.next_index(self._parent.get_state()) - len(self._queue)}
 
     def set_state(self, state: dict) -> None:
         self._queue.clear()  # batches sent for the old position are dropped

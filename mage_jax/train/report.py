@@ -121,14 +121,14 @@ def summary(config, workdir: str, tokenizer_workdir: str | None = None,
                f"python -m mage_jax.generate.edit --pretrain_workdir={workdir} --image=IMAGE "
                f"--box=8,8,24,24 --output=inpainted.png   (inpaint; --outpaint for outside)",
                f"python -m mage_jax.main --config=configs/pretrain.py:{preset},class_conditional "
-               f"--workdir={workdir}_cond --config.init_from={workdir}   (class-conditional)",
-               f"python -m mage_jax.main --config=configs/probe.py:{preset} "
-               f"--workdir={workdir}_probe --config.pretrain_workdir={workdir}   (linear probe)"]
+               f"--workdir={workdir}_cond --config.init_from={workdir}   (class-conditional)"]
         if not config.contrastive.enabled:  # a MAGE-C run is not pointed at MAGE-C again
-            nxt.insert(-1, f"python -m mage_jax.main --config=configs/pretrain.py:{preset},"
-                           f"contrastive --workdir={workdir}_contrastive --config.tokenizer_"
-                           f"workdir={tokenizer_workdir or os.path.join(workdir, 'tokenizer')}"
-                           f"   (MAGE-C)")
+            nxt.append(f"python -m mage_jax.main --config=configs/pretrain.py:{preset},"
+                       f"contrastive --workdir={workdir}_contrastive --config.tokenizer_"
+                       f"workdir={tokenizer_workdir or os.path.join(workdir, 'tokenizer')}"
+                       f"   (MAGE-C)")
+        nxt.append(f"python -m mage_jax.main --config=configs/probe.py:{preset} "
+                   f"--workdir={workdir}_probe --config.pretrain_workdir={workdir}   (linear probe)")
     found = [os.path.join(workdir, p) for p in pictures
              if paths.exists(os.path.join(workdir, p))]
     lines.append("pictures   " + (", ".join(found) or "none yet (written when the run ends)"))
