@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mage_jax.models import mage
+
 _KNOWN_CONFIDENCE = jnp.inf
 
 
@@ -73,11 +75,12 @@ def step_update(keys: jax.Array, logits: jax.Array, ids: jax.Array, step, table:
     """One decoding step after the model: ``(next_ids, sampled_ids)``.
 
     ``keys (B,)``: this step's per-example keys; ``logits (B, L+1, vocab)`` for the input
-    ``[C0] + ids``; ``ids (B, L)``: the current tokens, ``mask_token_id`` where unknown.
+    ``[C0] + ids``, or only their image positions over the codebook ``(B, L, codebook_size)``; ``ids (B, L)``: the current tokens, ``mask_token_id`` where unknown.
     ``next_ids`` is ``sampled_ids`` with the re-masked positions set back to [MASK].
     """
     unknown = ids == mask_token_id
-    logp = jax.nn.log_softmax(logits[:, 1:, :codebook_size].astype(jnp.float32), axis=-1)
+    logits = mage.image_token_logits(logits, ids.shape[1], codebook_size)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     sample_keys, noise_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     sampled = jax.vmap(lambda k, lp: jax.random.categorical(k, lp, axis=-1))(sample_keys, logp)
     sampled = jnp.where(unknown, sampled.astype(ids.dtype), ids)
@@ -95,7 +98,7 @@ def iterative_decode(logits_fn: Callable[[jax.Array], jax.Array], key: jax.Array
                      mask_token_id: int) -> jax.Array:
     """Fills every [MASK] of ``ids (B, L)``; returns the final tokens ``(B, L)``.
 
-    ``logits_fn(ids (B, L)) -> (B, L+1, vocab)`` runs the model with whatever goes at
+    ``logits_fn(ids (B, L)) -> (B, L+1, vocab)`` (or ``(B, L, codebook_size)``) runs the model with whatever goes at
     position 0 ([C0], a class id, classifier-free guidance). ``example_index (B,)``: the
     global index of each row, which alone picks its random numbers. A row without unknown
     tokens comes back unchanged. Jittable; the loop is a ``lax.fori_loop``.

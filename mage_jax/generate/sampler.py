@@ -27,13 +27,15 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 
 def logits_fn_for(model: mage.MAGE, params, labels: jax.Array, guidance_scale: float):
-    """``ids (B, L) -> logits (B, L+1, vocab)`` with [C0] or the class id at position 0."""
+    """``ids (B, L) -> logits (B, L, codebook_size)`` (the image positions' logits over the
+    codebook, all that decoding reads) with [C0] or the class id at position 0."""
     c0 = jnp.full(labels.shape, model.fake_class_id, jnp.int32)
     first = jnp.where(labels >= 0, model.class_token_id(jnp.maximum(labels, 0)), c0)
 
     def run(position0, ids):
         tokens = jnp.concatenate([position0[:, None].astype(ids.dtype), ids], axis=1)
-        return model.apply({"params": params}, tokens, method=model.decode_step_logits)
+        return model.apply({"params": params}, tokens, image_logits=True,
+                           method=model.decode_step_logits)
 
     if guidance_scale == 0.0:
         return lambda ids: run(first, ids)

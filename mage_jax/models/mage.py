@@ -12,7 +12,8 @@ One pretraining forward pass (``MAGE.__call__``), as the official ``models_mage.
    fill every masked position (dropped or not) with the ``[C0]`` output
    ("pad_with_cls_token"), add learned position embeddings, ViT blocks, ``decoder_norm``.
 4. ``mlm_head``: Dense -> GELU -> LayerNorm, then logits against the (gradient-stopped)
-   word embedding table plus a bias.
+   word embedding table plus a bias. The loss and the sampler read only the logits of the
+   L image positions over the codebook; ``image_logits=True`` computes only those.
 
 Departures of the official code from the paper that we follow (the released weights
 depend on them): the vocabulary is ``codebook + 1000 class ids + [MASK]`` (a leftover of
@@ -100,7 +101,9 @@ class MlmHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, word_embeddings: jax.Array,
+                 num_logits: int | None = None) -> jax.Array:
+        """Logits against the first ``num_logits`` vocabulary entries (None: all)."""
         h = dense(self.embed_dim, ("embed",), ("mlp",), self.dtype, self.param_dtype, "fc")(x)
         h = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm",
                        self.explicit_layer_norm_grad)(gelu(h))
@@ -108,10 +111,10 @@ class MlmHead(nn.Module):
                           (self.vocab_size,), self.param_dtype)
         # The official head reads `word_embeddings.weight.data.detach()`: the table gets
         # gradient only through the input embedding, never through the logits.
-        table = jax.lax.stop_gradient(word_embeddings)
+        table = jax.lax.stop_gradient(word_embeddings)[:num_logits]
         logits = jnp.einsum("bld,vd->blv", h.astype(self.dtype), table.astype(self.dtype),
                             preferred_element_type=jnp.float32)
-        logits = logits + bias.astype(jnp.float32)
+        logits = logits + bias[:num_logits].astype(jnp.float32)
         return sharding.constrain(logits, ("batch", "length", "vocab"))
 
 
@@ -212,9 +215,10 @@ class MAGE(nn.Module):
             first = jnp.full((token_ids.shape[0],), self.fake_class_id, token_ids.dtype)
         return jnp.concatenate([first[:, None].astype(token_ids.dtype), token_ids], axis=1)
 
-    def _decode(self, latent, keep_rank, pad_mask, deterministic):
+    def _decode(self, latent, keep_rank, pad_mask, deterministic, image_logits):
         """Decoder + MLM head. ``keep_rank[b, p]``: index in ``latent`` of position p if kept;
-        ``pad_mask``: positions (dropped or masked) that get the [C0] output instead."""
+        ``pad_mask``: positions (dropped or masked) that get the [C0] output instead;
+        ``image_logits``: the head on positions 1..L against the codebook only."""
         x = sharding.constrain(self.decoder_embed(latent), _ACT)
         c0 = x[:, :1]
         # Every dropped or masked position gets the [C0] output (official
@@ -224,13 +228,20 @@ class MAGE(nn.Module):
         x = jnp.where(pad_mask[..., None], c0, x)
         x = x + self.decoder_pos_embed[None].astype(self.dtype)
         x = self.decoder_norm(self.decoder(x, deterministic))
+        if image_logits:
+            # The official head computes every position against the whole vocabulary and
+            # its loss keeps positions 1..L and the codebook's entries: half of the logits
+            # for the paper's codebook (1024 of 2025), a fifth for the demo's (256 of
+            # 1257). XLA does not prune the rest, in the forward nor in the backward.
+            return self.mlm_head(x[:, 1:], self.token_emb.word_embeddings, self.codebook_size)
         return self.mlm_head(x, self.token_emb.word_embeddings)
 
     # ---- entry points ----
     def __call__(self, token_ids: jax.Array, token_drop_mask: jax.Array,
                  token_all_mask: jax.Array, train: bool = False,
                  num_dropped: int | None = None,
-                 first_token: jax.Array | None = None) -> dict[str, jax.Array]:
+                 first_token: jax.Array | None = None,
+                 image_logits: bool = False) -> dict[str, jax.Array]:
         """Pretraining forward pass on the unmasked target tokens ``(B, L)``.
 
         ``token_drop_mask`` / ``token_all_mask`` are ``(B, L+1)`` booleans (position 0 is
@@ -238,8 +249,10 @@ class MAGE(nn.Module):
         (default ``ceil(L * drop_ratio)``, a static Python int so that shapes are static).
         ``first_token (B,)``: the id at position 0 (default [C0]; a class-conditional MAGE
         passes ``class_token_id(labels)``).
-        Returns ``logits (B, L+1, vocab)`` float32, ``encoder_output (B, kept, D)`` after the
-        final norm, and ``pooled (B, D)``, its mean over the kept positions (for MAGE-C).
+        Returns ``logits (B, L+1, vocab)`` float32 (with ``image_logits``: ``(B, L,
+        codebook_size)``, the part ``mage_loss`` reads, computed alone), ``encoder_output (B,
+        kept, D)`` after the final norm, and ``pooled (B, D)``, its mean over the kept
+        positions (for MAGE-C).
         """
         deterministic = not train
         num_dropped = self.num_dropped if num_dropped is None else int(num_dropped)
@@ -261,18 +274,21 @@ class MAGE(nn.Module):
         latent = self.norm(self.encoder(x, deterministic))
 
         keep_rank = jnp.clip(jnp.cumsum(~drop, axis=1) - 1, 0, num_kept - 1)
-        logits = self._decode(latent, keep_rank, masked | drop, deterministic)
+        logits = self._decode(latent, keep_rank, masked | drop, deterministic, image_logits)
         # MAGE-C pools the encoder output globally; all kept positions, [C0] included.
         pooled = jnp.mean(latent.astype(jnp.float32), axis=1)
         return dict(logits=logits, encoder_output=latent, pooled=pooled)
 
-    def decode_step_logits(self, input_tokens: jax.Array) -> jax.Array:
+    def decode_step_logits(self, input_tokens: jax.Array,
+                           image_logits: bool = False) -> jax.Array:
         """One iterative-decoding step (``gen_img_uncond.py``): ``(B, L+1)`` ids, [C0] first,
-        [MASK] where unknown. No dropping; the decoder treats [MASK] positions as masked."""
+        [MASK] where unknown. No dropping; the decoder treats [MASK] positions as masked.
+        Logits ``(B, L+1, vocab)``; with ``image_logits`` ``(B, L, codebook_size)`` only."""
         x = self.token_emb(input_tokens, True)
         latent = self.norm(self.encoder(x, True))
         keep_rank = jnp.broadcast_to(jnp.arange(input_tokens.shape[1]), input_tokens.shape)
-        return self._decode(latent, keep_rank, input_tokens == self.mask_token_id, True)
+        return self._decode(latent, keep_rank, input_tokens == self.mask_token_id, True,
+                            image_logits)
 
     def pooled_features(self, token_ids: jax.Array) -> jax.Array:
         """Linear-probe features ``(B, D)`` from unmasked tokens ``(B, L)``: encoder blocks on
@@ -296,11 +312,25 @@ def _check_drop_count(drop: jax.Array, num_dropped: int) -> None:
             f"or build the masks with mage_jax.masking.sample_masks.")
 
 
+def image_token_logits(logits: jax.Array, length: int, codebook_size: int) -> jax.Array:
+    """The logits of the L image positions over the codebook, ``(B, L, codebook_size)``,
+    from the model's whole output ``(B, L+1, vocab)`` or from that part alone (what
+    ``image_logits=True`` returns)."""
+    if logits.ndim == 3 and logits.shape[1] == length + 1 and logits.shape[2] >= codebook_size:
+        return logits[:, 1:, :codebook_size]
+    if logits.ndim == 3 and logits.shape[1:] == (length, codebook_size):
+        return logits
+    raise ValueError(
+        f"logits have shape {logits.shape}; expected (batch, L+1, vocab) or (batch, L, "
+        f"codebook_size) = (batch, {length}, {codebook_size}) for {length} image tokens.")
+
+
 def mage_loss(logits: jax.Array, target_tokens: jax.Array, token_all_mask: jax.Array,
               codebook_size: int, label_smoothing: float = 0.1, ratio_groups=None):
     """Label-smoothed cross-entropy on masked positions, as the official ``forward_loss``.
 
-    Only the first ``codebook_size`` logits of positions 1..L take part (so the smoothing
+    ``logits``: the model's ``(B, L+1, vocab)`` or its ``image_logits`` ``(B, L,
+    codebook_size)``. Only the first ``codebook_size`` logits of positions 1..L take part (so the smoothing
     term spreads over image tokens only, timm ``LabelSmoothingCrossEntropy``); the
     per-position loss is averaged over the masked positions (dropped ones included).
     ``ratio_groups`` (static ints, one per example; ``mage_jax.masking.ratio_groups``):
@@ -310,7 +340,8 @@ def mage_loss(logits: jax.Array, target_tokens: jax.Array, token_all_mask: jax.A
     group. Loss, ``nll`` and ``masked_accuracy`` are reduced alike.
     Returns ``(loss, metrics)``.
     """
-    logp = jax.nn.log_softmax(logits[:, 1:, :codebook_size].astype(jnp.float32), axis=-1)
+    logits = image_token_logits(logits, target_tokens.shape[1], codebook_size)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, target_tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
     smooth = -jnp.mean(logp, axis=-1)
     per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth

@@ -183,7 +183,7 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
         mask_rng, dropout_rng = jax.random.split(rng)
         ratio, drop, masked = masks_for(mask_rng, tokens.shape[0])
         out = model.apply({"params": params["mage"]}, tokens, drop, masked, train=True,
-                          first_token=first, rngs={"dropout": dropout_rng})
+                          first_token=first, image_logits=True, rngs={"dropout": dropout_rng})
         loss, terms = mage.mage_loss(
             out["logits"], tokens, masked, codebook_size, config.label_smoothing,
             ratio_groups=masking.ratio_groups(tokens.shape[0], mcfg.examples_per_ratio))
@@ -220,12 +220,13 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
 
     def one_step_prediction(mage_params, tok_params, images, rng):
         """(tokens, drop, masked, logits, prediction): one decoder pass fills every masked
-        position of ``prediction``; the other positions keep their tokens."""
+        position of ``prediction``; the other positions keep their tokens. ``logits (B, L,
+        codebook_size)``: the image positions' logits over the codebook."""
         tokens = tokenize(tok_params, images)
         _, drop, masked = masks_for(rng, tokens.shape[0])
-        logits = model.apply({"params": mage_params}, tokens, drop, masked,
-                             train=False)["logits"]
-        predicted = jnp.argmax(logits[:, 1:, :codebook_size], axis=-1)
+        logits = model.apply({"params": mage_params}, tokens, drop, masked, train=False,
+                             image_logits=True)["logits"]
+        predicted = jnp.argmax(logits, axis=-1)
         return tokens, drop, masked, logits, jnp.where(masked[:, 1:], predicted, tokens)
 
     def prediction_grid(images, masked, predicted, tok_params):
@@ -255,7 +256,7 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
             tokens, _, masked, logits, predicted = one_step_prediction(
                 params["mage"], tok_params, images, rng)
             weight = masked[:, 1:] & keep[:, None]
-            logp = jax.nn.log_softmax(logits[:, 1:, :codebook_size].astype(jnp.float32))
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
             nll = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
             correct = predicted == tokens
             counts = jnp.zeros(codebook_size, jnp.int32).at[tokens.ravel()].add(

@@ -100,6 +100,12 @@ def test_sampling_follows_the_codebook_softmax():
     expected = np.asarray(jax.nn.softmax(logits[0, 1, :codebook]))
     np.testing.assert_allclose(freq[:codebook], expected, atol=0.03)
     assert freq[codebook:].sum() == 0
+    # The model's image_logits (positions 1..L over the codebook) sample the same tokens.
+    _, from_part = decoding.step_update(keys, logits[:, 1:, :codebook], ids, 0, table,
+                                        jnp.ones(rows, jnp.int32), num_steps=2,
+                                        choice_temperature=1.0, codebook_size=codebook,
+                                        mask_token_id=6)
+    np.testing.assert_array_equal(from_part, sampled)
 
 
 def _toy_logits_fn(vocab, codebook):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mage_jax.masking import sample_masks
-from mage_jax.models.mage import MAGE, mage_from_config, mage_loss
+from mage_jax.models.mage import MAGE, image_token_logits, mage_from_config, mage_loss
 from mage_jax.sharding import LOGICAL_AXIS_RULES
 
 TINY = dict(codebook_size=16, num_tokens=16, embed_dim=32, depth=2, num_heads=4,
@@ -260,6 +260,48 @@ def test_mage_loss_averages_groups_as_ddp_averages_gpus():
                           codebook, 0.0)
     assert float(pooled) == pytest.approx(nll[weight].mean(), rel=1e-5)
     assert abs(float(pooled) - float(loss)) > 1e-3
+
+
+def test_image_logits_are_the_part_of_the_logits_the_loss_reads(plain):
+    # image_logits=True computes positions 1..L against the codebook only: the same values,
+    # the same loss and the same gradients as slicing the whole output, in training mode.
+    model, params = plain
+    tokens, drop, masked = _inputs(seed=3)
+    k = TINY["codebook_size"]
+
+    def run(p, image_logits):
+        return model.apply({"params": p}, tokens, drop, masked, train=True,
+                           image_logits=image_logits, rngs={"dropout": jax.random.key(1)})
+
+    full, part = run(params, False)["logits"], run(params, True)["logits"]
+    assert full.shape == (BATCH, TINY["num_tokens"] + 1, model.vocab_size)
+    assert part.shape == (BATCH, TINY["num_tokens"], k)
+    np.testing.assert_allclose(part, full[:, 1:, :k], rtol=1e-5, atol=1e-6)
+
+    def loss(p, image_logits):
+        return mage_loss(run(p, image_logits)["logits"], tokens, masked, k)[0]
+    (l_full, g_full), (l_part, g_part) = (jax.value_and_grad(loss)(params, flag)
+                                          for flag in (False, True))
+    assert float(l_part) == pytest.approx(float(l_full), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 g_full, g_part)
+    step_ids = jnp.concatenate([jnp.full((BATCH, 1), model.fake_class_id),
+                                jnp.where(masked[:, 1:], model.mask_token_id, tokens)], axis=1)
+    decode_full, decode_part = (
+        model.apply({"params": params}, step_ids, flag, method=MAGE.decode_step_logits)
+        for flag in (False, True))
+    np.testing.assert_allclose(decode_part, decode_full[:, 1:, :k], rtol=1e-5, atol=1e-6)
+
+
+def test_image_token_logits_takes_either_layout_and_names_a_wrong_one():
+    logits = jnp.arange(2 * 5 * 9, dtype=jnp.float32).reshape(2, 5, 9)
+    np.testing.assert_array_equal(image_token_logits(logits, 4, 6), logits[:, 1:, :6])
+    part = logits[:, 1:, :6]
+    np.testing.assert_array_equal(image_token_logits(part, 4, 6), part)
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 9\).*\(batch, 4, 6\)"):
+        image_token_logits(logits[:, 1:], 4, 6)
+    with pytest.raises(ValueError, match="expected"):
+        mage_loss(logits[:, :3], jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 5), bool), 6)
 
 
 def test_mage_from_config():
