@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mage_jax import sharding
+from mage_jax.models import arg_extremes
 from mage_jax.models.dropout import Dropout
 from mage_jax.models.gelu import gelu
 from mage_jax.models.layer_norm import layer_norm
@@ -348,7 +349,7 @@ def mage_loss(logits: jax.Array, target_tokens: jax.Array, token_all_mask: jax.A
     smooth = -jnp.mean(logp, axis=-1)
     per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     weight = token_all_mask[:, 1:].astype(jnp.float32)
-    correct = (jnp.argmax(logp, axis=-1) == target_tokens).astype(jnp.float32)
+    correct = (arg_extremes.argmax(logp) == target_tokens).astype(jnp.float32)
     groups = np.zeros(weight.shape[0], np.int32) if ratio_groups is None else np.asarray(
         ratio_groups, np.int32)
     if groups.shape != (weight.shape[0],):

@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mage_jax.models import arg_extremes
+
 Dtype = Any
 
 # Logical axis names (mage_jax/sharding.py): conv kernels are HWIO.
@@ -237,7 +239,7 @@ class VectorQuantizer(nn.Module):
         """z (B, h, w, D) -> (quantized (B, h, w, D) float32, stats dict)."""
         z = z.astype(jnp.float32)
         d = self.distances(z)
-        ids = jnp.argmin(d, axis=-1).astype(jnp.int32)
+        ids = arg_extremes.argmin(d)
         e = self.lookup(ids)
         sg = jax.lax.stop_gradient
         codebook_loss = jnp.mean((sg(z) - e) ** 2)    # moves codes towards the latents

@@ -17,7 +17,7 @@ from absl import logging
 
 from mage_jax import checkpointing, masking, optim, pretrained, sharding, validation
 from mage_jax.convert import torch_tokenizer
-from mage_jax.models import contrastive, mage, vqgan
+from mage_jax.models import arg_extremes, contrastive, mage, vqgan
 from mage_jax.train import evaluation, interrupt, loop, report
 
 
@@ -226,7 +226,7 @@ def make_stage(config: ml_collections.ConfigDict, tokenizer_params=None) -> loop
         _, drop, masked = masks_for(rng, tokens.shape[0])
         logits = model.apply({"params": mage_params}, tokens, drop, masked, train=False,
                              image_logits=True)["logits"]
-        predicted = jnp.argmax(logits, axis=-1)
+        predicted = arg_extremes.argmax(logits)
         return tokens, drop, masked, logits, jnp.where(masked[:, 1:], predicted, tokens)
 
     def prediction_grid(images, masked, predicted, tok_params):
