@@ -75,7 +75,8 @@ def step_update(keys: jax.Array, logits: jax.Array, ids: jax.Array, step, table:
     """One decoding step after the model: ``(next_ids, sampled_ids)``.
 
     ``keys (B,)``: this step's per-example keys; ``logits (B, L+1, vocab)`` for the input
-    ``[C0] + ids``, or only their image positions over the codebook ``(B, L, codebook_size)``; ``ids (B, L)``: the current tokens, ``mask_token_id`` where unknown.
+    ``[C0] + ids``, or only their image positions over the codebook ``(B, L,
+    codebook_size)``; ``ids (B, L)``: the current tokens, ``mask_token_id`` where unknown.
     ``next_ids`` is ``sampled_ids`` with the re-masked positions set back to [MASK].
     """
     unknown = ids == mask_token_id
@@ -98,10 +99,10 @@ def iterative_decode(logits_fn: Callable[[jax.Array], jax.Array], key: jax.Array
                      mask_token_id: int) -> jax.Array:
     """Fills every [MASK] of ``ids (B, L)``; returns the final tokens ``(B, L)``.
 
-    ``logits_fn(ids (B, L)) -> (B, L+1, vocab)`` (or ``(B, L, codebook_size)``) runs the model with whatever goes at
-    position 0 ([C0], a class id, classifier-free guidance). ``example_index (B,)``: the
-    global index of each row, which alone picks its random numbers. A row without unknown
-    tokens comes back unchanged. Jittable; the loop is a ``lax.fori_loop``.
+    ``logits_fn(ids (B, L)) -> (B, L+1, vocab)`` (or ``(B, L, codebook_size)``) runs the
+    model with whatever goes at position 0 ([C0], a class id, classifier-free guidance).
+    ``example_index (B,)``: the global index of each row, which alone picks its random
+    numbers. A row without unknown tokens comes back unchanged. Jittable; the loop is a ``lax.fori_loop``.
     """
     length = ids.shape[1]
     table = jnp.asarray(mask_schedule(num_steps, length))
