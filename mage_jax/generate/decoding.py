@@ -102,7 +102,8 @@ def iterative_decode(logits_fn: Callable[[jax.Array], jax.Array], key: jax.Array
     ``logits_fn(ids (B, L)) -> (B, L+1, vocab)`` (or ``(B, L, codebook_size)``) runs the
     model with whatever goes at position 0 ([C0], a class id, classifier-free guidance).
     ``example_index (B,)``: the global index of each row, which alone picks its random
-    numbers. A row without unknown tokens comes back unchanged. Jittable; the loop is a ``lax.fori_loop``.
+    numbers. A row without unknown tokens comes back unchanged. Jittable; the loop is a
+    ``lax.fori_loop``.
     """
     length = ids.shape[1]
     table = jnp.asarray(mask_schedule(num_steps, length))

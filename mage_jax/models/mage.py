@@ -335,7 +335,8 @@ def mage_loss(logits: jax.Array, target_tokens: jax.Array, token_all_mask: jax.A
     ``logits``: the model's ``(B, L+1, vocab)`` or its ``image_logits`` ``(B, L,
     codebook_size)``. Only the first ``codebook_size`` logits of positions 1..L take part
     (so the smoothing term spreads over image tokens only, timm
-    ``LabelSmoothingCrossEntropy``); the per-position loss is averaged over the masked positions (dropped ones included).
+    ``LabelSmoothingCrossEntropy``); the per-position loss is averaged over the masked
+    positions (dropped ones included).
     ``ratio_groups`` (static ints, one per example; ``mage_jax.masking.ratio_groups``):
     each group is one official GPU, whose loss is the mean over its own masked positions,
     and the loss is the mean of the groups' losses (DDP averages the GPUs' gradients);
