@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mage_jax import sharding
+from mage_jax.models import dense_grad
 from mage_jax.models.dropout import Dropout
 from mage_jax.models.gelu import gelu
 from mage_jax.models.layer_norm import layer_norm
@@ -56,9 +57,8 @@ class Linear(nn.Module):
             tuple(in_shape) + tuple(self.features), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names_out),
                           tuple(self.features), self.param_dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
-        return y + bias.astype(self.dtype)
+        return dense_grad.dense(x.astype(self.dtype), kernel.astype(self.dtype),
+                                bias.astype(self.dtype), n_in)
 
 
 def dense(features, names_in: tuple, names_out: tuple, dtype: Dtype, param_dtype: Dtype,
